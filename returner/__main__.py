@@ -1,0 +1,3 @@
+from returner.cli import main
+
+main()

@@ -1,0 +1,35 @@
+"""One hierarchy: permanent errors are the task's fault, transient ones are the world's."""
+
+from __future__ import annotations
+
+
+class ReturnerError(Exception):
+    """Base of every error the service raises on purpose."""
+
+
+class SettingsError(ReturnerError):
+    """A setting has a bad value; start-up stops with this one line."""
+
+
+class PermanentError(ReturnerError):
+    """The task itself is bad: record it as failed and dead-letter it at once."""
+
+
+class BadTask(PermanentError):
+    """The message cannot be read as a task (JSON, fields, types, shape, dtype, order)."""
+
+
+class BadFrame(PermanentError):
+    """The shared-memory segment is missing or does not match the message."""
+
+
+class TransientError(ReturnerError):
+    """The world is failing (Redis, disk): keep the task pending and back off."""
+
+
+class RedisUnavailable(TransientError):
+    """Redis could not be reached or answered with an error."""
+
+
+class DiskError(TransientError):
+    """Writing to OUTPUT_DIR failed (full disk, I/O error); the worker pauses."""

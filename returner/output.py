@@ -1,0 +1,344 @@
+"""Files in OUTPUT_DIR: safe JPEG names, atomic writes, and the results log.
+
+Every change is temp file -> fsync -> rename -> directory fsync. JPEGs get their
+final name only inside `ResultsLog.commit`, under the same flock that guards
+`results.json`, so a JPEG never becomes visible without the entry that references
+it except for the instant between the two renames; `ResultsLog.open` sweeps such
+orphans (left by a crash in that instant) before the worker starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from returner.errors import DiskError
+from returner.task import Kind, Outcome
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+LOCK = ".results.lock"
+_ROTATED = re.compile(r"results\.\d{8}T\d{6}(?:_\d+)?\.json")
+_OURS = re.compile(r".+_\d{8}_\d{6}(?:_\d+)?\.jpg")
+_TEMP = re.compile(r"\.(\d+)-[0-9a-f]{32}\.tmp")
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+# 255 bytes in all: stem + "_YYYYMMDD_HHMMSS" + "_NNNNNN" suffix room + ".jpg"
+STEM_MAX = 255 - 16 - 7 - 4
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+
+
+def safe_stem(image_id: str) -> str:
+    """An injective, file-name-safe form of an image id (percent-encoding, then a hash).
+
+    Letters, digits, `-` and `_` stay; `.` stays unless the id starts with one or holds
+    `..`; every other byte becomes `%XX`. Over STEM_MAX, the tail becomes `~` plus a hash
+    of the whole id, so two long ids sharing a prefix still differ.
+    """
+    raw = image_id.encode("utf-8", "surrogatepass")
+    dots_ok = not raw.startswith(b".") and b".." not in raw
+    stem = "".join(chr(b) if b in _SAFE or (b == 0x2E and dots_ok) else f"%{b:02X}" for b in raw)
+    if len(stem) > STEM_MAX:
+        stem = stem[: STEM_MAX - 17] + "~" + hashlib.sha256(raw).hexdigest()[:16]
+    return stem
+
+
+def file_name(image_id: str, millis: int, suffix: int = 0) -> str:
+    """`{image_id}_{YYYYMMDD_HHMMSS}[_{n}].jpg`, the time being the stream entry's (UTC)."""
+    stamp = datetime.fromtimestamp(millis / 1000, UTC).strftime("%Y%m%d_%H%M%S")
+    tail = f"_{suffix}" if suffix else ""
+    return f"{safe_stem(image_id)}_{stamp}{tail}.jpg"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _disk_error(action: str, exc: OSError) -> DiskError:
+    return DiskError(f"{action}: {exc.strerror or exc}")
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Create `path` (a new dot-file) with `data` and fsync it. Raises DiskError."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise _disk_error(f"creating {path.name}", exc) from exc
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise _disk_error(f"writing {path.name}", exc) from exc
+    finally:
+        os.close(fd)
+
+
+class OutputDir:
+    """OUTPUT_DIR itself: temp names, the JPEG temp files, and clean-up of leftovers."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _disk_error(f"creating {path}", exc) from exc
+        self.path = path.resolve()
+
+    def temp_path(self) -> Path:
+        return self.path / f".{os.getpid()}-{uuid.uuid4().hex}.tmp"
+
+    def write_jpeg(self, data: bytes) -> Path:
+        """Write an encoded JPEG to a fsynced temp file; its final name comes at commit."""
+        temp = self.temp_path()
+        write_durably(temp, data)
+        return temp
+
+    def discard(self, temp: Path | None) -> None:
+        if temp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+
+    def stale_temps(self) -> Iterator[Path]:
+        """Temp files whose writer process is gone."""
+        for entry in os.scandir(self.path):
+            match = _TEMP.fullmatch(entry.name)
+            if match and not _alive(int(match.group(1))):
+                yield Path(entry.path)
+
+    def our_jpegs(self) -> Iterator[str]:
+        for entry in os.scandir(self.path):
+            if _OURS.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                yield entry.name
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ResultsLog:
+    """`results.json` plus its rotated files, shared safely by several processes.
+
+    The file is always a JSON array with one entry per line, so what this process
+    wrote is reused byte for byte and no entry is ever re-encoded. Every commit
+    runs under an flock on `.results.lock`; if another process wrote since our
+    last commit, the file is read again first.
+    """
+
+    def __init__(self, out: OutputDir, max_entries: int) -> None:
+        self.out = out
+        self.max_entries = max_entries
+        self.path = out.path / RESULTS
+        self._lines: list[bytes] = []
+        self._completed: set[tuple[str, str]] = set()
+        self._rotated: set[str] = set()
+        self._seen: tuple[int, int, int] | None = None
+        self._lock_fd = os.open(out.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def close(self) -> None:
+        os.close(self._lock_fd)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def open(self) -> None:
+        """Load every results file and sweep orphans and stale temps. Raises DiskError."""
+        with self._locked():
+            referenced = self._refresh(collect_names=True)
+            self._sweep(referenced)
+
+    def is_completed(self, key: tuple[str, str] | None) -> bool:
+        return key is not None and key in self._completed
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def commit(self, outcomes: Iterable[Outcome]) -> None:
+        """Make the outcomes durable: name and move JPEGs, append entries, fsync.
+
+        A completed or failed outcome whose task already has a completed entry
+        (perhaps written by another process) becomes a duplicate. On DiskError
+        nothing is recorded and the outcomes' JPEGs are removed.
+        """
+        with self._locked():
+            self._refresh()
+            moved: list[Outcome] = []
+            rotated_before = set(self._rotated)
+            try:
+                for outcome in outcomes:
+                    self._record(outcome, moved)
+                self._write()
+            except OSError as exc:
+                self._undo(moved, self._rotated - rotated_before)
+                raise _disk_error("committing results", exc) from exc
+
+    def _record(self, outcome: Outcome, moved: list[Outcome]) -> None:
+        if outcome.kind is Kind.RETRY or outcome.kind is Kind.DUPLICATE:
+            return
+        if self.is_completed(outcome.key):
+            self.out.discard(outcome.temp_path)
+            outcome.kind, outcome.temp_path = Kind.DUPLICATE, None
+            return
+        if outcome.kind is Kind.COMPLETED:
+            assert outcome.temp_path is not None
+            final = self._free_name(outcome)
+            os.rename(outcome.temp_path, final)
+            outcome.temp_path, outcome.file_path = None, final
+            moved.append(outcome)
+            self._completed.add((outcome.request_id, outcome.image_id))  # type: ignore[arg-type]
+        self._append(json.dumps(outcome.as_record(now_iso())).encode())
+
+    def _free_name(self, outcome: Outcome) -> Path:
+        # A file that exists here belongs to a completed entry of another task (orphans
+        # were swept at open), so it gets a suffix rather than being overwritten.
+        for suffix in range(1_000_000):
+            candidate = self.out.path / file_name(
+                outcome.image_id or "", outcome.entry.millis, suffix
+            )
+            if not os.path.lexists(candidate):
+                return candidate
+        raise OSError(errno.EEXIST, "no free file name")
+
+    def _append(self, line: bytes) -> None:
+        if len(self._lines) >= self.max_entries:
+            self._rotate()
+        self._lines.append(line)
+
+    def _rotate(self) -> None:
+        # Hard-link first: results.json exists at every instant, and the new file
+        # replaces it by rename at the end of the commit.
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        for n in range(1000):
+            name = f"results.{stamp}{'_' + str(n) if n else ''}.json"
+            try:
+                os.link(self.path, self.out.path / name)
+            except FileExistsError:
+                continue
+            self._rotated.add(name)
+            self._lines = []
+            log.info("rotated results.json to %s", name)
+            return
+        raise OSError(errno.EEXIST, "no free name to rotate results.json")
+
+    def _write(self) -> None:
+        body = b"[\n" + b",\n".join(self._lines) + b"\n]\n" if self._lines else b"[]\n"
+        temp = self.out.temp_path()
+        write_durably(temp, body)
+        try:
+            os.rename(temp, self.path)
+        except OSError:
+            self.out.discard(temp)
+            raise
+        fsync_dir(self.out.path)
+        st = os.stat(self.path)
+        self._seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _undo(self, moved: list[Outcome], rotated: set[str]) -> None:
+        for outcome in moved:
+            self.out.discard(outcome.file_path)
+            self._completed.discard((outcome.request_id, outcome.image_id))
+            outcome.file_path = None
+        for name in rotated:  # results.json was not replaced: the archive is a duplicate
+            self.out.discard(self.out.path / name)
+            self._rotated.discard(name)
+        self._seen = None
+        with contextlib.suppress(OSError, DiskError):
+            self._refresh()
+
+    def _refresh(self, collect_names: bool = False) -> set[str]:
+        """Reload from disk if another process changed it since our last write."""
+        names: set[str] = set()
+        try:
+            st: os.stat_result | None = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns) if st else None
+        if stamp == self._seen and not collect_names:
+            return names
+        if collect_names or stamp is None or self._seen is None or stamp[0] != self._seen[0]:
+            st = self._load_rotated(st, names, every=collect_names)
+        self._lines = self._load(self.path, names) if st is not None else []
+        self._seen = stamp if st is not None else None
+        return names
+
+    def _load_rotated(
+        self, st: os.stat_result | None, names: set[str], every: bool
+    ) -> os.stat_result | None:
+        """Load archived files not seen yet; None if results.json is itself archived."""
+        for entry in sorted(os.scandir(self.out.path), key=lambda e: e.name):
+            if not _ROTATED.fullmatch(entry.name) or (entry.name in self._rotated and not every):
+                continue
+            if st is not None and entry.inode() == st.st_ino:
+                st = None  # a rotation was cut short: results.json is already archived
+            self._load(Path(entry.path), names)
+            self._rotated.add(entry.name)
+        return st
+
+    def _load(self, path: Path, names: set[str]) -> list[bytes]:
+        try:
+            records = json.loads(path.read_bytes())
+        except ValueError as exc:
+            raise DiskError(f"{path} is not valid JSON ({exc}); move it aside") from None
+        except OSError as exc:
+            raise _disk_error(f"reading {path}", exc) from exc
+        if not isinstance(records, list):
+            raise DiskError(f"{path} is not a JSON array; move it aside")
+        for record in records:
+            if _is_completed_record(record):
+                self._completed.add((record["request_id"], record["image_id"]))
+                names.add(os.path.basename(record.get("file_path") or ""))
+        return [json.dumps(r).encode() for r in records]
+
+    def _sweep(self, referenced: set[str]) -> None:
+        for temp in self.out.stale_temps():
+            log.info("removing stale temp file %s", temp.name)
+            self.out.discard(temp)
+        for name in self.out.our_jpegs():
+            if name not in referenced:
+                log.warning("removing orphan %s (no results entry references it)", name)
+                self.out.discard(self.out.path / name)
+        if self._seen is None:  # no results.json yet, or a rotation to finish
+            self._write()
+
+
+def _is_completed_record(record: Any) -> bool:
+    return (
+        isinstance(record, dict)
+        and record.get("status") == "completed"
+        and isinstance(record.get("request_id"), str)
+        and isinstance(record.get("image_id"), str)
+    )

@@ -1,0 +1,107 @@
+"""The one settings object: environment, `.env`, then CLI options (which win)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from returner.errors import SettingsError
+
+ChannelOrder = Literal["RGB", "BGR", "RGBA", "BGRA", "GRAY"]
+Subsampling = Literal["444", "422", "420", "440", "411"]
+
+# The renderer names its segments `img_shm_<hex>`; nothing else is opened by default.
+DEFAULT_SHM_NAME_PATTERN = r"img_shm_[0-9a-fA-F]{1,128}"
+
+
+def default_consumer_name() -> str:
+    """Stable across restarts of the same host (and container hostname)."""
+    return socket.gethostname() or "returner"
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; see the README's settings table."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    redis_url: str | None = Field(default=None, alias="REDIS_URL")
+    hosting_tasks_queue: str = Field(
+        default="hosting:tasks", alias="HOSTING_TASKS_QUEUE", min_length=1
+    )
+    output_dir: Path = Field(default=Path("./output/translated"), alias="OUTPUT_DIR")
+    shm_name_pattern: str = Field(default=DEFAULT_SHM_NAME_PATTERN, alias="SHM_NAME_PATTERN")
+    jpeg_quality: int = Field(default=80, ge=1, le=100, alias="JPEG_QUALITY")
+    jpeg_subsampling: Subsampling = Field(default="420", alias="JPEG_SUBSAMPLING")
+    channel_order: ChannelOrder = Field(default="RGB", alias="CHANNEL_ORDER")
+    consumer_group: str = Field(default="returner", alias="CONSUMER_GROUP", min_length=1)
+    consumer_name: str = Field(
+        default_factory=default_consumer_name, alias="CONSUMER_NAME", min_length=1
+    )
+    claim_min_idle_ms: int = Field(default=60_000, ge=100, alias="CLAIM_MIN_IDLE_MS")
+    max_deliveries: int = Field(default=5, ge=1, alias="MAX_DELIVERIES")
+    max_pixels: int = Field(default=100_000_000, ge=1, alias="MAX_PIXELS")
+    results_max_entries: int = Field(default=100_000, ge=1, alias="RESULTS_MAX_ENTRIES")
+    metrics_host: str = Field(default="127.0.0.1", alias="METRICS_HOST")
+    metrics_port: int = Field(default=9108, ge=0, le=65535, alias="METRICS_PORT")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", alias="LOG_LEVEL"
+    )
+    log_format: Literal["text", "json"] = Field(default="text", alias="LOG_FORMAT")
+    encoder_threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1, le=256, alias="ENCODER_THREADS"
+    )
+    batch_size: int = Field(default=32, ge=1, le=1000, alias="BATCH_SIZE")
+
+    @field_validator("shm_name_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @field_validator("log_level", "jpeg_subsampling", "channel_order", "log_format", mode="before")
+    @classmethod
+    def _normalise_case(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return value.lower() if value.lower() in ("text", "json") else value.upper()
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings; CLI overrides are given by field name and beat every other source.
+
+    Raises SettingsError with one line naming the offending setting.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    fields = Settings.model_fields
+    aliased = {fields[k].alias or k: v for k, v in given.items()}
+    try:
+        return Settings(**aliased)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "settings"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        raise SettingsError(f"{name}: {err['msg']}{shown}") from None

@@ -1,0 +1,233 @@
+"""The only module that talks to Redis: keys, the mirror from list to stream, reads,
+claims, acks and dead letters. Redis errors become RedisUnavailable here."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from returner.errors import RedisUnavailable
+from returner.task import Entry
+
+SOCKET_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every key, derived from the list name; `{L}` keeps them in L's cluster slot."""
+
+    queue: str
+    stream: str
+    dead: str
+
+    @classmethod
+    def for_queue(cls, queue: str) -> Keys:
+        return cls(queue=queue, stream=f"{{{queue}}}:stream", dead=f"{{{queue}}}:dead")
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for `url`; bytes in and out, so task payloads stay byte-exact."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=5.0,
+        socket_keepalive=True,
+        health_check_interval=30,
+    )
+
+
+@contextlib.contextmanager
+def translated(action: str) -> Iterator[None]:
+    """Turn redis-py's exceptions into RedisUnavailable at the boundary."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise RedisUnavailable(f"{action}: {exc}") from None
+    except OSError as exc:
+        raise RedisUnavailable(f"{action}: {exc}") from None
+
+
+def _script(client: redis.Redis, name: str) -> Script:
+    source = resources.files("returner").joinpath("lua", f"{name}.lua").read_text()
+    return client.register_script(source)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry(raw: Sequence[Any], deliveries: int | None = None) -> Entry:
+    entry_id, flat = raw[0], raw[1] or []
+    fields = dict(zip(flat[::2], flat[1::2], strict=False))
+    task = fields.get(b"task", b"")
+    count = int(raw[2]) if deliveries is None else deliveries
+    return Entry(id=_text(entry_id), task=task, deliveries=count)
+
+
+class Stream:
+    """The group's view of `{L}:stream` for one consumer."""
+
+    def __init__(self, client: redis.Redis, queue: str, group: str, consumer: str) -> None:
+        self.client = client
+        self.keys = Keys.for_queue(queue)
+        self.group = group
+        self.consumer = consumer
+        self._fetch = _script(client, "fetch")
+        self._pending = _script(client, "pending")
+        self._claim = _script(client, "claim")
+        self._ack = _script(client, "ack")
+        self._dead = _script(client, "dead_letter")
+        self._revive = _script(client, "revive")
+
+    def ensure_group(self) -> None:
+        """Create the stream and the consumer group if missing. Raises RedisUnavailable."""
+        with translated("creating consumer group"):
+            try:
+                self.client.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def ping(self) -> None:
+        with translated("ping"):
+            self.client.ping()
+
+    def fetch(self, count: int) -> list[Entry]:
+        """Mirror up to `count` list elements and read up to `count` new entries."""
+        with translated("reading new entries"):
+            try:
+                raw = self._fetch(
+                    keys=[self.keys.queue, self.keys.stream],
+                    args=[self.group, self.consumer, count],
+                )
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self.ensure_group()  # the stream was deleted under us
+                return []
+        return [_entry(e, deliveries=1) for e in raw]
+
+    def wait_for_tasks(self, timeout_s: float) -> None:
+        """Block until the list has an element or the timeout passes, without taking it.
+
+        BLMOVE from the list's tail back onto its tail leaves the list unchanged.
+        """
+        with translated("waiting for tasks"):
+            self.client.execute_command(  # type: ignore[no-untyped-call]
+                "BLMOVE", self.keys.queue, self.keys.queue, "RIGHT", "RIGHT", timeout_s
+            )
+
+    def own_pending(self, after: str, count: int) -> tuple[list[Entry], str, int]:
+        """This consumer's pending entries after `after`: (entries, last ID, deleted)."""
+        with translated("reading own pending entries"):
+            entries, last, gone = self._pending(
+                keys=[self.keys.stream], args=[self.group, self.consumer, after, count]
+            )
+        return [_entry(e) for e in entries], _text(last), int(gone)
+
+    def claim(self, min_idle_ms: int, start: str, count: int) -> tuple[list[Entry], str, int]:
+        """XAUTOCLAIM entries idle for `min_idle_ms`: (entries, next start, deleted)."""
+        with translated("claiming idle entries"):
+            nxt, entries, gone = self._claim(
+                keys=[self.keys.stream],
+                args=[self.group, self.consumer, min_idle_ms, start, count],
+            )
+        return [_entry(e) for e in entries], _text(nxt), int(gone)
+
+    def ack(self, ids: Sequence[str]) -> None:
+        """Acknowledge and delete entries whose outcome is durable."""
+        if not ids:
+            return
+        with translated("acknowledging"):
+            self._ack(keys=[self.keys.stream], args=[self.group, *ids])
+
+    def dead_letter(self, entry: Entry, error: str, extra: dict[str, str]) -> None:
+        """Move one delivery to `{L}:dead` with its original bytes and the reason."""
+        fields: list[Any] = [
+            "task",
+            entry.task,
+            "error",
+            error,
+            "deliveries",
+            entry.deliveries,
+            "entry_id",
+            entry.id,
+            "consumer",
+            self.consumer,
+        ]
+        for key, value in extra.items():
+            fields += [key, value]
+        with translated("dead-lettering"):
+            self._dead(
+                keys=[self.keys.stream, self.keys.dead], args=[self.group, entry.id, *fields]
+            )
+
+    def touch(self, ids: Sequence[str]) -> None:
+        """Reset the idle time of entries still in hand, so no one claims them."""
+        if not ids:
+            return
+        with translated("refreshing held entries"):
+            self.client.xclaim(
+                self.keys.stream, self.group, self.consumer, 0, list(ids), justid=True
+            )
+
+    def dead_letters(self, count: int, after: str = "-") -> list[tuple[str, dict[bytes, bytes]]]:
+        """Up to `count` dead letters after `after` (exclusive unless "-")."""
+        start = after if after == "-" else "(" + after
+        with translated("reading dead letters"):
+            rows: list[Any] = self.client.xrange(self.keys.dead, start, "+", count=count) or []
+        return [(_text(i), dict(f or {})) for i, f in rows]
+
+    def revive(self, dead_id: str) -> str | None:
+        """Move one dead letter back into the stream; its new entry ID, or None if gone."""
+        with translated("replaying a dead letter"):
+            new = self._revive(keys=[self.keys.stream, self.keys.dead], args=[dead_id])
+        return _text(new) if new else None
+
+    def status(self) -> dict[str, Any]:
+        """Lengths, and pending entries per consumer with the oldest one's idle time."""
+        with translated("reading status"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.llen(self.keys.queue)
+            pipe.xlen(self.keys.stream)
+            pipe.xlen(self.keys.dead)
+            queued, streamed, dead = pipe.execute()
+            consumers = self._consumers()
+        return {
+            "queue": self.keys.queue,
+            "list_length": queued,
+            "stream_length": streamed,
+            "dead_letters": dead,
+            "consumers": consumers,
+            "pending": sum(c["pending"] for c in consumers),
+        }
+
+    def _consumers(self) -> list[dict[str, Any]]:
+        try:
+            infos = self.client.xinfo_consumers(self.keys.stream, self.group)
+        except redis.ResponseError:
+            return []  # no stream or group yet
+        out = []
+        for info in infos:
+            name = _text(info["name"])
+            oldest = None
+            if info["pending"]:
+                first = self.client.xpending_range(
+                    self.keys.stream, self.group, "-", "+", 1, consumername=name
+                )
+                oldest = first[0]["time_since_delivered"] if first else None
+            out.append(
+                {
+                    "name": name,
+                    "pending": int(info["pending"]),
+                    "idle_ms": int(info["idle"]),
+                    "oldest_pending_ms": oldest,
+                }
+            )
+        return out

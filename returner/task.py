@@ -1,0 +1,206 @@
+"""The task message, its validation, and the outcome of handling one delivery."""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from returner.errors import BadTask
+
+MAX_DIMENSION = 65500  # libjpeg's limit on either side
+NAME_MAX = 255
+
+
+class _ShmInfo(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    shm_name: str
+    shape: list[int]
+    dtype: str
+    size: int
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    request_id: str
+    image_id: str
+    shm_info: _ShmInfo
+    channel_order: Literal["RGB", "BGR", "RGBA", "BGRA", "GRAY"] | None = None
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The limits a message is checked against, taken from the settings."""
+
+    shm_name_pattern: re.Pattern[str]
+    max_pixels: int
+    default_order: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """A validated task: the frame is `height x width x channels` uint8 in `shm_name`."""
+
+    request_id: str
+    image_id: str
+    shm_name: str
+    height: int
+    width: int
+    channels: int
+    channel_order: str
+
+    @property
+    def size(self) -> int:
+        return self.height * self.width * self.channels
+
+
+def read_ids(raw: bytes) -> tuple[str | None, str | None, str | None]:
+    """Best-effort request_id, image_id and shm_name of a message; never raises."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, TypeError, RecursionError):
+        return None, None, None
+    if not isinstance(doc, dict):
+        return None, None, None
+    info = doc.get("shm_info")
+    name = info.get("shm_name") if isinstance(info, dict) else None
+    return _str(doc.get("request_id")), _str(doc.get("image_id")), _str(name)
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def parse_task(raw: bytes, rules: Rules) -> Task:
+    """Validate one queue element. Raises BadTask, and nothing else, saying what is wrong."""
+    try:
+        msg = _Message.model_validate(json.loads(raw))
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise BadTask(_describe(exc)) from None
+    if not msg.request_id or not msg.image_id:
+        raise BadTask("request_id and image_id must not be empty")
+    info = msg.shm_info
+    _check_name(info.shm_name, rules.shm_name_pattern)
+    if info.dtype != "uint8":
+        raise BadTask(f"unsupported dtype {info.dtype!r} (only uint8)")
+    height, width, channels = _check_shape(info.shape, rules.max_pixels)
+    if info.size != height * width * channels:
+        raise BadTask(
+            f"size {info.size} does not fit shape {info.shape} (expected "
+            f"{height * width * channels} bytes)"
+        )
+    order = _resolve_order(msg.channel_order, rules.default_order, channels)
+    return Task(msg.request_id, msg.image_id, info.shm_name, height, width, channels, order)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        return f"{where}: {first['msg']}{more}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "message is not UTF-8"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"message is not JSON: {exc.msg} at position {exc.pos}"
+    return f"message is not valid: {exc}"
+
+
+def _check_name(name: str, pattern: re.Pattern[str]) -> None:
+    if not name or "/" in name or "\x00" in name or len(name.encode()) > NAME_MAX - 1:
+        raise BadTask(f"shm_name {name[:80]!r} is not a valid segment name")
+    if not pattern.fullmatch(name):
+        raise BadTask(f"shm_name {name[:80]!r} does not match SHM_NAME_PATTERN")
+
+
+def _check_shape(shape: list[int], max_pixels: int) -> tuple[int, int, int]:
+    if len(shape) not in (2, 3):
+        raise BadTask(f"shape {shape} must be [H, W] or [H, W, C]")
+    height, width = shape[0], shape[1]
+    channels = shape[2] if len(shape) == 3 else 1
+    if channels not in (1, 3, 4):
+        raise BadTask(f"shape {shape}: {channels} channels (expected 1, 3 or 4)")
+    if not (1 <= height <= MAX_DIMENSION and 1 <= width <= MAX_DIMENSION):
+        raise BadTask(f"shape {shape}: each side must be between 1 and {MAX_DIMENSION}")
+    # Python ints do not overflow, and both sides are already bounded.
+    if height * width > max_pixels:
+        raise BadTask(f"shape {shape}: {height * width} pixels exceeds MAX_PIXELS={max_pixels}")
+    return height, width, channels
+
+
+_ORDERS_BY_CHANNELS = {1: ("GRAY",), 3: ("RGB", "BGR"), 4: ("RGBA", "BGRA")}
+
+
+def _resolve_order(given: str | None, default: str, channels: int) -> str:
+    if given is not None:
+        if given not in _ORDERS_BY_CHANNELS[channels]:
+            raise BadTask(f"channel_order {given} does not fit {channels} channel(s)")
+        return given
+    if channels == 1:
+        return "GRAY"
+    base = default[:3]
+    if base == "GRA":
+        raise BadTask(f"CHANNEL_ORDER GRAY does not fit {channels} channels")
+    return base if channels == 3 else base + "A"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One delivery of a stream entry: its ID, the original list element, Redis's count."""
+
+    id: str
+    task: bytes
+    deliveries: int
+
+    @property
+    def millis(self) -> int:
+        return int(self.id.split("-", 1)[0])
+
+
+class Kind(enum.StrEnum):
+    COMPLETED = "completed"
+    DUPLICATE = "duplicate"
+    FAILED = "failed"
+    DEAD_LETTERED = "dead_lettered"
+    RETRY = "retry"  # transient: stays pending
+
+
+@dataclass
+class Outcome:
+    """What handling one delivery came to; settling it is a separate step."""
+
+    entry: Entry
+    kind: Kind
+    request_id: str | None = None
+    image_id: str | None = None
+    error: str | None = None
+    shm_name: str | None = None  # a segment to unlink once the outcome is durable
+    temp_path: Path | None = None  # encoded JPEG, fsynced, waiting for its final name
+    file_path: Path | None = None  # final name once committed
+    disk_error: bool = False  # a RETRY caused by the output disk: pause the worker
+
+    @property
+    def key(self) -> tuple[str, str] | None:
+        if self.request_id is None or self.image_id is None:
+            return None
+        return self.request_id, self.image_id
+
+    def as_record(self, timestamp: str) -> dict[str, Any]:
+        """The results.json object for this outcome (completed or failed)."""
+        record: dict[str, Any] = {
+            "timestamp": timestamp,
+            "request_id": self.request_id,
+            "image_id": self.image_id,
+            "file_path": str(self.file_path) if self.file_path else None,
+            "status": "completed" if self.kind is Kind.COMPLETED else "failed",
+        }
+        if self.kind is not Kind.COMPLETED:
+            record["error"] = self.error or "failed"
+        return record

@@ -1,0 +1,332 @@
+"""The loop: take a batch, process it on the encoder threads, settle the outcomes.
+
+Processing produces an Outcome and never touches Redis; settling makes outcomes
+durable (results.json), releases segments, then acks or dead-letters in Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
+
+from returner import frames
+from returner.encode import JpegOptions, encode
+from returner.errors import DiskError, PermanentError, RedisUnavailable, TransientError
+from returner.metrics import Health, Metrics
+from returner.output import OutputDir, ResultsLog
+from returner.settings import Settings
+from returner.stream import Stream
+from returner.task import Entry, Kind, Outcome, Rules, parse_task, read_ids
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+WAIT_S = 1.0  # longest block on an empty list: bounds shutdown and claim latency
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 10.0
+
+
+@dataclass
+class Tally:
+    """Settled deliveries by outcome, for summaries."""
+
+    completed: int = 0
+    duplicate: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+
+    def add(self, kind: Kind) -> None:
+        setattr(self, kind.value, getattr(self, kind.value) + 1)
+
+    @property
+    def settled(self) -> int:
+        return self.completed + self.duplicate + self.failed + self.dead_lettered
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    def __init__(self) -> None:
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        cap = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2**self.attempt)
+        self.attempt += 1
+        return random.uniform(cap / 2, cap)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Stopping(Exception):
+    """Raised out of a Redis retry loop when the worker is asked to stop."""
+
+
+class Worker:
+    """One consumer of the group; `run` serves until `stop` is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        stream: Stream,
+        metrics: Metrics,
+        stop: threading.Event,
+        health: Health | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stream = stream
+        self.metrics = metrics
+        self.stop = stop
+        self.health = health or Health()
+        self.out = OutputDir(settings.output_dir)
+        self.results = ResultsLog(self.out, settings.results_max_entries)
+        self.rules = Rules(
+            re.compile(settings.shm_name_pattern), settings.max_pixels, settings.channel_order
+        )
+        self.jpeg = JpegOptions(settings.jpeg_quality, settings.jpeg_subsampling)
+        self.pool = ThreadPoolExecutor(settings.encoder_threads, thread_name_prefix="encode")
+        self.tally = Tally()
+        self._claim_cursor = "0-0"
+        self._claim_due = 0.0
+        self._claim_every = min(max(settings.claim_min_idle_ms / 4000, 1.0), 30.0)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until stopped: own pending entries first, then new and claimed ones."""
+        try:
+            self.start()
+            self.recover_own()
+            while not self.stop.is_set():
+                self.health.tick(self.health.redis_ok)
+                batch = self.next_batch()
+                if batch:
+                    self.handle(batch)
+        except Stopping:
+            log.info("stopped while waiting for redis; unsettled entries stay pending")
+        finally:
+            self.close()
+
+    def start(self) -> None:
+        """Load the results and join the group, waiting for Redis as long as it takes."""
+        self.results.open()
+        self.call_redis(self.stream.ensure_group)
+        log.info(
+            "consumer %s of group %s on %s, %d encoder threads",
+            self.stream.consumer,
+            self.stream.group,
+            self.stream.keys.stream,
+            self.settings.encoder_threads,
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.results.close()
+
+    def recover_own(self) -> None:
+        """Finish this consumer's own pending entries, left by an earlier run."""
+        after, batch = "0", self.settings.batch_size
+        while not self.stop.is_set():
+            entries, last, _ = self.call_redis(partial(self.stream.own_pending, after, batch))
+            if entries:
+                log.info("recovering %d pending entries of an earlier run", len(entries))
+                self.handle(entries)
+            if last == after:
+                return
+            after = last
+
+    @property
+    def claim_done(self) -> bool:
+        """The last XAUTOCLAIM pass reached the end of the pending list."""
+        return self._claim_cursor == "0-0"
+
+    def next_batch(self) -> list[Entry]:
+        """Claimed entries when a claim is due, else new ones; waits when there are none."""
+        if time.monotonic() >= self._claim_due:
+            claimed = self.claim_idle(self.settings.claim_min_idle_ms)
+            if claimed:
+                return claimed
+        entries = self.call_redis(lambda: self.stream.fetch(self.settings.batch_size))
+        if not entries and not self.stop.is_set():
+            self.call_redis(lambda: self.stream.wait_for_tasks(WAIT_S))
+        return entries
+
+    def claim_idle(self, min_idle_ms: int) -> list[Entry]:
+        """One XAUTOCLAIM step; schedules the next pass once the cursor wraps."""
+        entries, self._claim_cursor, gone = self.call_redis(
+            lambda: self.stream.claim(min_idle_ms, self._claim_cursor, self.settings.batch_size)
+        )
+        if gone:
+            log.warning("%d pending entries had been deleted from the stream; acked", gone)
+        if self._claim_cursor == "0-0":
+            self._claim_due = time.monotonic() + self._claim_every
+        if entries:
+            log.info("claimed %d entries idle for %d ms or more", len(entries), min_idle_ms)
+        return entries
+
+    # -- one batch --------------------------------------------------------------------
+
+    def handle(self, batch: Sequence[Entry]) -> None:
+        """Process and settle a batch; pause and retry while the output disk fails."""
+        todo = list(batch)
+        backoff = Backoff()
+        while todo:
+            started = time.perf_counter()
+            outcomes = list(self.pool.map(self.process, todo))
+            self.metrics.stage.labels(stage="encode").observe(time.perf_counter() - started)
+            retry = self.settle(outcomes)
+            todo = [o.entry for o in retry if o.disk_error]
+            if todo and not self.pause(todo, backoff):
+                return
+
+    def process(self, entry: Entry) -> Outcome:
+        """Decide one delivery's outcome and write its JPEG; never touches Redis."""
+        rid, iid, shm_name = read_ids(entry.task)
+        outcome = Outcome(entry, Kind.RETRY, rid, iid)
+        if self.results.is_completed(outcome.key):
+            outcome.kind, outcome.shm_name = Kind.DUPLICATE, self._safe(shm_name)
+            return outcome
+        if entry.deliveries > self.settings.max_deliveries:
+            outcome.kind = Kind.DEAD_LETTERED
+            outcome.error = f"gave up after {entry.deliveries} deliveries"
+            return outcome
+        log.info("task %s/%s started (entry %s, delivery %d)", rid, iid, entry.id, entry.deliveries)
+        try:
+            self._encode_and_write(outcome)
+        except PermanentError as exc:
+            outcome.kind, outcome.error = Kind.FAILED, str(exc)
+            outcome.shm_name = outcome.shm_name or self._safe(shm_name)
+        except DiskError as exc:
+            outcome.error, outcome.disk_error = str(exc), True
+        except TransientError as exc:
+            outcome.error = str(exc)
+        except Exception as exc:  # a bug or an unforeseen fault: leave it pending
+            log.exception("task %s/%s: unexpected error; left pending for a retry", rid, iid)
+            outcome.error = f"{type(exc).__name__}: {exc}"
+        return outcome
+
+    def _encode_and_write(self, outcome: Outcome) -> None:
+        task = parse_task(outcome.entry.task, self.rules)
+        outcome.shm_name = task.shm_name
+        data = frames.with_frame(task, lambda frame: encode(frame, task.channel_order, self.jpeg))
+        outcome.temp_path = self.out.write_jpeg(data)
+        outcome.kind = Kind.COMPLETED
+
+    def _safe(self, shm_name: str | None) -> str | None:
+        """A segment name from an unvalidated message, if it may be unlinked."""
+        if shm_name and "/" not in shm_name and self.rules.shm_name_pattern.fullmatch(shm_name):
+            return shm_name
+        return None
+
+    # -- settling ---------------------------------------------------------------------
+
+    def settle(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """Commit, release segments, then ack or dead-letter. Returns what must be retried."""
+        started = time.perf_counter()
+        try:
+            self.results.commit(outcomes)
+        except DiskError as exc:
+            self.metrics.errors.labels(kind="disk").inc()
+            log.error("cannot commit results: %s", exc)
+            for outcome in outcomes:
+                self.out.discard(outcome.temp_path)
+                outcome.kind, outcome.temp_path, outcome.disk_error = Kind.RETRY, None, True
+            return outcomes
+        committed = time.perf_counter()
+        self.metrics.stage.labels(stage="commit").observe(committed - started)
+        for outcome in outcomes:
+            if outcome.shm_name and outcome.kind is not Kind.RETRY:
+                frames.unlink(outcome.shm_name)
+        self._acknowledge(outcomes)
+        self.metrics.stage.labels(stage="settle").observe(time.perf_counter() - committed)
+        return [o for o in outcomes if o.kind is Kind.RETRY]
+
+    def _acknowledge(self, outcomes: list[Outcome]) -> None:
+        done = [o for o in outcomes if o.kind in (Kind.COMPLETED, Kind.DUPLICATE)]
+        self.call_redis(lambda: self.stream.ack([o.entry.id for o in done]))
+        for outcome in done:
+            self._report(outcome)
+        for outcome in outcomes:
+            if outcome.kind in (Kind.FAILED, Kind.DEAD_LETTERED):
+                self._dead_letter(outcome)
+            elif outcome.kind is Kind.RETRY and not outcome.disk_error:
+                self.metrics.errors.labels(kind="task").inc()
+                log.warning(
+                    "task %s/%s left pending: %s",
+                    outcome.request_id,
+                    outcome.image_id,
+                    outcome.error,
+                )
+
+    def _dead_letter(self, outcome: Outcome) -> None:
+        extra = {"request_id": outcome.request_id or "", "image_id": outcome.image_id or ""}
+        self.call_redis(
+            lambda: self.stream.dead_letter(outcome.entry, outcome.error or "failed", extra)
+        )
+        self._report(outcome)
+
+    def _report(self, outcome: Outcome) -> None:
+        self.tally.add(outcome.kind)
+        self.metrics.tasks.labels(outcome=outcome.kind.value).inc()
+        self.metrics.duration.observe(max(0.0, time.time() - outcome.entry.millis / 1000))
+        where = f" -> {outcome.file_path.name}" if outcome.file_path else ""
+        why = f": {outcome.error}" if outcome.error else ""
+        freed = ", segment released" if outcome.shm_name else ""
+        level = (
+            logging.INFO if outcome.kind in (Kind.COMPLETED, Kind.DUPLICATE) else logging.WARNING
+        )
+        log.log(
+            level,
+            "task %s/%s %s%s%s%s (entry %s)",
+            outcome.request_id,
+            outcome.image_id,
+            outcome.kind.value,
+            where,
+            why,
+            freed,
+            outcome.entry.id,
+        )
+
+    def pause(self, held: Sequence[Entry], backoff: Backoff) -> bool:
+        """Wait out a failing disk, keeping the held entries from being claimed.
+
+        Returns False when stopping: the entries stay pending for the next run.
+        """
+        delay = backoff.next_delay()
+        log.warning("output disk failing; pausing %.1fs with %d entries in hand", delay, len(held))
+        self.health.tick(self.health.redis_ok)
+        if self.stop.wait(delay):
+            return False
+        self.call_redis(lambda: self.stream.touch([e.id for e in held]))
+        return True
+
+    # -- redis with retries -------------------------------------------------------------
+
+    def call_redis(self, action: Callable[[], T]) -> T:
+        """Run a Redis action, retrying with backoff until it works.
+
+        Raises Stopping when asked to stop before Redis answered.
+        """
+        backoff = Backoff()
+        while True:
+            try:
+                result = action()
+            except RedisUnavailable as exc:
+                self.metrics.errors.labels(kind="redis").inc()
+                self.health.tick(redis_ok=False)
+                delay = backoff.next_delay()
+                log.warning("redis unavailable (%s); retrying in %.1fs", exc, delay)
+                if self.stop.wait(delay):
+                    raise Stopping from None
+                continue
+            if backoff.attempt:
+                log.info("redis is back")
+            self.health.tick(redis_ok=True)
+            return result
