@@ -84,6 +84,8 @@ class Stream:
         self._ack = _script(client, "ack")
         self._dead = _script(client, "dead_letter")
         self._revive = _script(client, "revive")
+        self._rescue = _script(client, "rescue")
+        self._touch = _script(client, "touch")
 
     def ensure_group(self) -> None:
         """Create the stream and the consumer group if missing. Raises RedisUnavailable."""
@@ -140,6 +142,28 @@ class Stream:
             )
         return [_entry(e) for e in entries], _text(nxt), int(gone)
 
+    def silent_consumers(self, timeout_ms: int) -> list[str]:
+        """Other consumers holding pending entries that have not talked to Redis lately."""
+        with translated("listing consumers"):
+            try:
+                infos = self.client.xinfo_consumers(self.keys.stream, self.group)
+            except redis.ResponseError:
+                return []
+        return [
+            _text(i["name"])
+            for i in infos
+            if i["pending"] and i["idle"] >= timeout_ms and _text(i["name"]) != self.consumer
+        ]
+
+    def rescue(self, silent: str, min_idle_ms: int, count: int) -> tuple[list[Entry], int]:
+        """Claim a silent consumer's entries idle for `min_idle_ms`: (entries, deleted)."""
+        with translated("claiming a silent consumer's entries"):
+            entries, gone = self._rescue(
+                keys=[self.keys.stream],
+                args=[self.group, self.consumer, silent, min_idle_ms, count],
+            )
+        return [_entry(e) for e in entries], int(gone)
+
     def ack(self, ids: Sequence[str]) -> None:
         """Acknowledge and delete entries whose outcome is durable."""
         if not ids:
@@ -173,9 +197,7 @@ class Stream:
         if not ids:
             return
         with translated("refreshing held entries"):
-            self.client.xclaim(
-                self.keys.stream, self.group, self.consumer, 0, list(ids), justid=True
-            )
+            self._touch(keys=[self.keys.stream], args=[self.group, self.consumer, *ids])
 
     def dead_letters(self, count: int, after: str = "-") -> list[tuple[str, dict[bytes, bytes]]]:
         """Up to `count` dead letters after `after` (exclusive unless "-")."""

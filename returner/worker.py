@@ -6,13 +6,14 @@ durable (results.json), releases segments, then acks or dead-letters in Redis.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WAIT_S = 1.0  # longest block on an empty list: bounds shutdown and claim latency
+HEARTBEAT_S = 2.0  # entries in hand are touched this often, so no one claims them
+RESCUE_EVERY_S = 2.0  # how often to look for consumers that have gone silent
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 10.0
 
 
@@ -96,6 +99,7 @@ class Worker:
         self._claim_cursor = "0-0"
         self._claim_due = 0.0
         self._claim_every = min(max(settings.claim_min_idle_ms / 4000, 1.0), 30.0)
+        self._rescue_due = 0.0
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -148,8 +152,14 @@ class Worker:
         return self._claim_cursor == "0-0"
 
     def next_batch(self) -> list[Entry]:
-        """Claimed entries when a claim is due, else new ones; waits when there are none."""
-        if time.monotonic() >= self._claim_due:
+        """Entries of silent consumers, idle claimed ones, or new ones; waits when none."""
+        now = time.monotonic()
+        if now >= self._rescue_due:
+            self._rescue_due = now + RESCUE_EVERY_S
+            rescued = self.rescue_silent()
+            if rescued:
+                return rescued
+        if now >= self._claim_due:
             claimed = self.claim_idle(self.settings.claim_min_idle_ms)
             if claimed:
                 return claimed
@@ -157,6 +167,29 @@ class Worker:
         if not entries and not self.stop.is_set():
             self.call_redis(lambda: self.stream.wait_for_tasks(WAIT_S))
         return entries
+
+    def rescue_silent(self) -> list[Entry]:
+        """Take over the entries of a consumer silent for CONSUMER_TIMEOUT_MS (it crashed).
+
+        Live workers talk to Redis at least every second and touch what they hold
+        every HEARTBEAT_S, so silence means the worker is gone: its work is
+        recovered in seconds instead of after CLAIM_MIN_IDLE_MS.
+        """
+        timeout = self.settings.consumer_timeout_ms
+        for name in self.call_redis(lambda: self.stream.silent_consumers(timeout)):
+            entries, gone = self.call_redis(
+                partial(self.stream.rescue, name, timeout, self.settings.batch_size)
+            )
+            if entries or gone:
+                log.warning(
+                    "consumer %s silent for %d ms or more: took over %d entries",
+                    name,
+                    timeout,
+                    len(entries),
+                )
+            if entries:
+                return entries
+        return []
 
     def claim_idle(self, min_idle_ms: int) -> list[Entry]:
         """One XAUTOCLAIM step; schedules the next pass once the cursor wraps."""
@@ -179,12 +212,23 @@ class Worker:
         backoff = Backoff()
         while todo:
             started = time.perf_counter()
-            outcomes = list(self.pool.map(self.process, todo))
+            outcomes = self.process_all(todo)
             self.metrics.stage.labels(stage="encode").observe(time.perf_counter() - started)
             retry = self.settle(outcomes)
             todo = [o.entry for o in retry if o.disk_error]
             if todo and not self.pause(todo, backoff):
                 return
+
+    def process_all(self, entries: list[Entry]) -> list[Outcome]:
+        """Process on the encoder threads, touching unfinished entries every HEARTBEAT_S."""
+        futures = [self.pool.submit(self.process, entry) for entry in entries]
+        while True:
+            _, running = wait(futures, timeout=HEARTBEAT_S)
+            if not running:
+                return [f.result() for f in futures]
+            held = [e.id for e, f in zip(entries, futures, strict=True) if f in running]
+            with contextlib.suppress(RedisUnavailable):
+                self.stream.touch(held)
 
     def process(self, entry: Entry) -> Outcome:
         """Decide one delivery's outcome and write its JPEG; never touches Redis."""
@@ -301,10 +345,13 @@ class Worker:
         """
         delay = backoff.next_delay()
         log.warning("output disk failing; pausing %.1fs with %d entries in hand", delay, len(held))
-        self.health.tick(self.health.redis_ok)
-        if self.stop.wait(delay):
-            return False
-        self.call_redis(lambda: self.stream.touch([e.id for e in held]))
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            self.health.tick(self.health.redis_ok)
+            with contextlib.suppress(RedisUnavailable):
+                self.stream.touch([e.id for e in held])
+            if self.stop.wait(min(left, HEARTBEAT_S)):
+                return False
         return True
 
     # -- redis with retries -------------------------------------------------------------

@@ -35,8 +35,17 @@ class Service:
         assert self.proc is not None
         self.proc.wait()
 
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the worker has joined its group (signal handlers are in place)."""
+        from tests.conftest import wait_for
+
+        wait_for(lambda: "encoder threads" in self.logs(None) or not self.alive(), timeout=timeout,
+                 what="the service to start")
+        assert self.alive(), self.logs()
+
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM, then the exit code; fails if it takes longer than `timeout`."""
+        self.wait_ready()
         self.signal(signal.SIGTERM)
         assert self.proc is not None
         try:
@@ -48,8 +57,9 @@ class Service:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-5000:]
+    def logs(self, tail: int | None = 5000) -> str:
+        text = self.log.read_text(errors="replace")
+        return text[-tail:] if tail else text
 
 
 def base_env(**settings: Any) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import redis
@@ -86,3 +87,18 @@ def test_unreachable_redis_is_a_clear_error(service_env: dict[str, str], tmp_pat
     shown = run_cli("status", env=env, cwd=tmp_path)
     assert shown.returncode == 1
     assert "Traceback" not in shown.stderr and "returner:" in shown.stderr
+
+
+def test_silent_consumer_recovered_in_seconds(service, service_env: dict[str, str],
+                                              r: redis.Redis, queue: str, output_dir: Path,
+                                              frames: Frames) -> None:
+    """A crashed worker's entries are taken over after CONSUMER_TIMEOUT_MS, long before
+    the default CLAIM_MIN_IDLE_MS of a minute."""
+    strand(r, queue, frames, 3)
+    started = time.monotonic()
+    svc = service({**service_env, "CONSUMER_TIMEOUT_MS": "3000"}).start()
+    wait_for(lambda: results_count(output_dir) == 3, timeout=30, what="rescued entries")
+    assert time.monotonic() - started < 30
+    assert svc.stop() == 0
+    assert "consumer ghost silent" in svc.logs(None)
+    assert r.xpending(f"{{{queue}}}:stream", "returner")["pending"] == 0
