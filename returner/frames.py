@@ -10,6 +10,7 @@ still pending. Mapping the descriptor directly never involves the tracker.
 from __future__ import annotations
 
 import _posixshmem
+import contextlib
 import errno
 import mmap
 import os
@@ -40,7 +41,10 @@ def with_frame(task: Task, use: Callable[[Frame], T]) -> T:
         finally:
             del view  # every exported buffer must be gone before close()
     finally:
-        mapping.close()
+        # An exception from `use` still holds the view in its traceback; the mapping
+        # is unmapped when that is dropped, and the exception goes on unchanged.
+        with contextlib.suppress(BufferError):
+            mapping.close()
 
 
 def _map(task: Task) -> mmap.mmap:

@@ -162,6 +162,8 @@ class ResultsLog:
         self._completed: set[tuple[str, str]] = set()
         self._rotated: set[str] = set()
         self._seen: tuple[int, int, int] | None = None
+        self._moved: list[Outcome] = []  # JPEGs renamed by the commit under way
+        self._flushed = 0  # how many of those are already in a written results file
         self._lock_fd = os.open(out.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
 
     def close(self) -> None:
@@ -191,22 +193,24 @@ class ResultsLog:
         """Make the outcomes durable: name and move JPEGs, append entries, fsync.
 
         A completed or failed outcome whose task already has a completed entry
-        (perhaps written by another process) becomes a duplicate. On DiskError
-        nothing is recorded and the outcomes' JPEGs are removed.
+        (perhaps written by another process) becomes a duplicate. On DiskError the
+        outcomes not yet written out are forgotten and their JPEGs removed; those
+        written before a rotation stay recorded (a retry finds them completed).
         """
         with self._locked():
             self._refresh()
-            moved: list[Outcome] = []
+            self._moved, self._flushed = [], 0
             rotated_before = set(self._rotated)
             try:
                 for outcome in outcomes:
-                    self._record(outcome, moved)
+                    self._record(outcome)
                 self._write()
             except OSError as exc:
-                self._undo(moved, self._rotated - rotated_before)
+                # Outcomes written before a rotation are durable and stay recorded.
+                self._undo(self._moved[self._flushed :], self._rotated - rotated_before)
                 raise _disk_error("committing results", exc) from exc
 
-    def _record(self, outcome: Outcome, moved: list[Outcome]) -> None:
+    def _record(self, outcome: Outcome) -> None:
         if outcome.kind is Kind.RETRY or outcome.kind is Kind.DUPLICATE:
             return
         if self.is_completed(outcome.key):
@@ -218,7 +222,7 @@ class ResultsLog:
             final = self._free_name(outcome)
             os.rename(outcome.temp_path, final)
             outcome.temp_path, outcome.file_path = None, final
-            moved.append(outcome)
+            self._moved.append(outcome)
             self._completed.add((outcome.request_id, outcome.image_id))  # type: ignore[arg-type]
         self._append(json.dumps(outcome.as_record(now_iso())).encode())
 
@@ -239,8 +243,11 @@ class ResultsLog:
         self._lines.append(line)
 
     def _rotate(self) -> None:
-        # Hard-link first: results.json exists at every instant, and the new file
-        # replaces it by rename at the end of the commit.
+        # Write out what this commit added so far, then hard-link: results.json exists
+        # at every instant, and the fresh file replaces it by rename at the end of the
+        # commit (a link left alone by a crash is recognised by its inode at open).
+        self._write()
+        self._flushed = len(self._moved)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         for n in range(1000):
             name = f"results.{stamp}{'_' + str(n) if n else ''}.json"
@@ -272,11 +279,13 @@ class ResultsLog:
             self.out.discard(outcome.file_path)
             self._completed.discard((outcome.request_id, outcome.image_id))
             outcome.file_path = None
-        for name in rotated:  # results.json was not replaced: the archive is a duplicate
-            self.out.discard(self.out.path / name)
-            self._rotated.discard(name)
-        self._seen = None
+        self._seen = None  # the lines in memory are not what is on disk: reload them
         with contextlib.suppress(OSError, DiskError):
+            current = os.stat(self.path).st_ino
+            for name in rotated:  # the archive that is still results.json is a duplicate
+                if os.stat(self.out.path / name).st_ino == current:
+                    self.out.discard(self.out.path / name)
+                    self._rotated.discard(name)
             self._refresh()
 
     def _refresh(self, collect_names: bool = False) -> set[str]:

@@ -64,8 +64,8 @@ class Task:
 def read_ids(raw: bytes) -> tuple[str | None, str | None, str | None]:
     """Best-effort request_id, image_id and shm_name of a message; never raises."""
     try:
-        doc = json.loads(raw)
-    except (ValueError, TypeError, RecursionError):
+        doc = json.loads(raw.decode("utf-8"))
+    except (ValueError, TypeError, RecursionError, AttributeError):
         return None, None, None
     if not isinstance(doc, dict):
         return None, None, None
@@ -81,7 +81,7 @@ def _str(value: Any) -> str | None:
 def parse_task(raw: bytes, rules: Rules) -> Task:
     """Validate one queue element. Raises BadTask, and nothing else, saying what is wrong."""
     try:
-        msg = _Message.model_validate(json.loads(raw))
+        msg = _Message.model_validate(json.loads(raw.decode("utf-8")))
     except (ValueError, TypeError, RecursionError) as exc:
         raise BadTask(_describe(exc)) from None
     if not msg.request_id or not msg.image_id:
@@ -114,7 +114,11 @@ def _describe(exc: BaseException) -> str:
 
 
 def _check_name(name: str, pattern: re.Pattern[str]) -> None:
-    if not name or "/" in name or "\x00" in name or len(name.encode()) > NAME_MAX - 1:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadTask(f"shm_name {name[:80]!r} is not valid Unicode") from None
+    if not name or "/" in name or "\x00" in name or len(encoded) > NAME_MAX - 1:
         raise BadTask(f"shm_name {name[:80]!r} is not a valid segment name")
     if not pattern.fullmatch(name):
         raise BadTask(f"shm_name {name[:80]!r} does not match SHM_NAME_PATTERN")
