@@ -96,24 +96,30 @@ class Stream:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    def _run(self, action: str, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """Run a script; None if the stream or group was deleted (it is recreated)."""
+        with translated(action):
+            try:
+                return script(keys=keys, args=args)
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+        self.ensure_group()
+        return None
+
     def ping(self) -> None:
         with translated("ping"):
             self.client.ping()
 
     def fetch(self, count: int) -> list[Entry]:
         """Mirror up to `count` list elements and read up to `count` new entries."""
-        with translated("reading new entries"):
-            try:
-                raw = self._fetch(
-                    keys=[self.keys.queue, self.keys.stream],
-                    args=[self.group, self.consumer, count],
-                )
-            except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self.ensure_group()  # the stream was deleted under us
-                return []
-        return [_entry(e, deliveries=1) for e in raw]
+        raw = self._run(
+            "reading new entries",
+            self._fetch,
+            [self.keys.queue, self.keys.stream],
+            [self.group, self.consumer, count],
+        )
+        return [_entry(e, deliveries=1) for e in raw or []]
 
     def wait_for_tasks(self, timeout_s: float) -> None:
         """Block until the list has an element or the timeout passes, without taking it.
@@ -127,19 +133,24 @@ class Stream:
 
     def own_pending(self, after: str, count: int) -> tuple[list[Entry], str, int]:
         """This consumer's pending entries after `after`: (entries, last ID, deleted)."""
-        with translated("reading own pending entries"):
-            entries, last, gone = self._pending(
-                keys=[self.keys.stream], args=[self.group, self.consumer, after, count]
-            )
+        got = self._run(
+            "reading own pending entries",
+            self._pending,
+            [self.keys.stream],
+            [self.group, self.consumer, after, count],
+        )
+        entries, last, gone = got or ([], after, 0)
         return [_entry(e) for e in entries], _text(last), int(gone)
 
     def claim(self, min_idle_ms: int, start: str, count: int) -> tuple[list[Entry], str, int]:
         """XAUTOCLAIM entries idle for `min_idle_ms`: (entries, next start, deleted)."""
-        with translated("claiming idle entries"):
-            nxt, entries, gone = self._claim(
-                keys=[self.keys.stream],
-                args=[self.group, self.consumer, min_idle_ms, start, count],
-            )
+        got = self._run(
+            "claiming idle entries",
+            self._claim,
+            [self.keys.stream],
+            [self.group, self.consumer, min_idle_ms, start, count],
+        )
+        nxt, entries, gone = got or ("0-0", [], 0)
         return [_entry(e) for e in entries], _text(nxt), int(gone)
 
     def silent_consumers(self, timeout_ms: int) -> list[str]:
@@ -157,11 +168,13 @@ class Stream:
 
     def rescue(self, silent: str, min_idle_ms: int, count: int) -> tuple[list[Entry], int]:
         """Claim a silent consumer's entries idle for `min_idle_ms`: (entries, deleted)."""
-        with translated("claiming a silent consumer's entries"):
-            entries, gone = self._rescue(
-                keys=[self.keys.stream],
-                args=[self.group, self.consumer, silent, min_idle_ms, count],
-            )
+        got = self._run(
+            "claiming a silent consumer's entries",
+            self._rescue,
+            [self.keys.stream],
+            [self.group, self.consumer, silent, min_idle_ms, count],
+        )
+        entries, gone = got or ([], 0)
         return [_entry(e) for e in entries], int(gone)
 
     def ack(self, ids: Sequence[str]) -> None:
@@ -194,10 +207,13 @@ class Stream:
 
     def touch(self, ids: Sequence[str]) -> None:
         """Reset the idle time of entries still in hand, so no one claims them."""
-        if not ids:
-            return
-        with translated("refreshing held entries"):
-            self._touch(keys=[self.keys.stream], args=[self.group, self.consumer, *ids])
+        if ids:
+            self._run(
+                "refreshing held entries",
+                self._touch,
+                [self.keys.stream],
+                [self.group, self.consumer, *ids],
+            )
 
     def dead_letters(self, count: int, after: str = "-") -> list[tuple[str, dict[bytes, bytes]]]:
         """Up to `count` dead letters after `after` (exclusive unless "-")."""
@@ -240,10 +256,10 @@ class Stream:
             name = _text(info["name"])
             oldest = None
             if info["pending"]:
-                first = self.client.xpending_range(
-                    self.keys.stream, self.group, "-", "+", 1, consumername=name
+                held = self.client.xpending_range(
+                    self.keys.stream, self.group, "-", "+", 1000, consumername=name
                 )
-                oldest = first[0]["time_since_delivered"] if first else None
+                oldest = max((p["time_since_delivered"] for p in held), default=None)
             out.append(
                 {
                     "name": name,

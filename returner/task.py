@@ -189,6 +189,7 @@ class Outcome:
     temp_path: Path | None = None  # encoded JPEG, fsynced, waiting for its final name
     file_path: Path | None = None  # final name once committed
     disk_error: bool = False  # a RETRY caused by the output disk: pause the worker
+    released: bool = False  # the segment was unlinked
 
     @property
     def key(self) -> tuple[str, str] | None:

@@ -287,7 +287,7 @@ class Worker:
         self.metrics.stage.labels(stage="commit").observe(committed - started)
         for outcome in outcomes:
             if outcome.shm_name and outcome.kind is not Kind.RETRY:
-                frames.unlink(outcome.shm_name)
+                outcome.released = frames.unlink(outcome.shm_name)
         self._acknowledge(outcomes)
         self.metrics.stage.labels(stage="settle").observe(time.perf_counter() - committed)
         return [o for o in outcomes if o.kind is Kind.RETRY]
@@ -322,7 +322,7 @@ class Worker:
         self.metrics.duration.observe(max(0.0, time.time() - outcome.entry.millis / 1000))
         where = f" -> {outcome.file_path.name}" if outcome.file_path else ""
         why = f": {outcome.error}" if outcome.error else ""
-        freed = ", segment released" if outcome.shm_name else ""
+        freed = ", segment released" if outcome.released else ""
         level = (
             logging.INFO if outcome.kind in (Kind.COMPLETED, Kind.DUPLICATE) else logging.WARNING
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -147,3 +148,19 @@ def test_embedded_default(tmp_path: Path) -> None:
         pass
     results = json.loads((out / "results.json").read_text())
     assert all(Path(e["file_path"]).exists() for e in results)
+
+
+def test_idle_worker_leaves_redis_idle(service, r: redis.Redis, queue: str, output_dir: Path,
+                                       frames: Frames) -> None:
+    """No busy polling: an idle worker blocks on the list, and a push wakes it."""
+    svc = service().start()
+    svc.wait_ready()
+    before = int(r.info("stats")["total_commands_processed"])
+    window = 3.0
+    time.sleep(window)  # the measurement window, not a synchronisation
+    per_second = (int(r.info("stats")["total_commands_processed"]) - before - 1) / window
+    assert per_second < 20, f"{per_second:.0f} commands/s while idle"
+
+    r.rpush(queue, frames.task(random_frame((32, 32, 3)), "req", "wake"))
+    wait_for(lambda: results_count(output_dir) == 1, timeout=5, what="the pushed task")
+    assert svc.stop() == 0
