@@ -139,7 +139,7 @@ def run(
     settings = settings_from(**options)
     stop = threading.Event()
     install_stop_handlers(stop)
-    health = Health()
+    health = Health(stuck_after_s=settings.stuck_after_ms / 1000)
     metrics = Metrics()
     server = start_metrics(settings, metrics, health)
     try:
@@ -168,7 +168,7 @@ def start_metrics(settings: Settings, metrics: Metrics, health: Health) -> Metri
         ) from None
     server.start()
     host, port = server.address
-    log.info("metrics on http://%s:%d/metrics, health on /healthz", host, port)
+    log.info("metrics on http://%s:%d/metrics; /healthz, /readyz", host, port)
     return server
 
 

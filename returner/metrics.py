@@ -1,53 +1,81 @@
-"""Prometheus metrics and the /metrics, /healthz endpoints."""
+"""Prometheus metrics, liveness and readiness, and the HTTP endpoints that serve them."""
 
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from returner import __version__
 from returner.task import Kind
 
 log = logging.getLogger(__name__)
 
 OUTCOMES = (Kind.COMPLETED, Kind.DUPLICATE, Kind.FAILED, Kind.DEAD_LETTERED)
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-_STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
-STAGES = ("encode", "commit", "settle")
+STAGES = ("load", "encode", "write", "commit", "ack")
 ERROR_KINDS = ("redis", "disk", "task")
-STALE_AFTER_S = 30.0
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_STAGE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
+_DELIVERY_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 20)
+LIVE_WITHIN_S = 30.0  # /healthz fails when the loop has not ticked for this long
 
 
 class Metrics:
-    """The service's metrics, in a registry of their own."""
+    """The service's metrics, in a registry of their own (nothing global at import)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry = CollectorRegistry(auto_describe=True)
         self.tasks = Counter(
-            "returner_tasks", "Settled deliveries by outcome.", ["outcome"], registry=self.registry
+            "returner_tasks", "Settled deliveries by outcome.", ["outcome"], registry=r
         )
         self.duration = Histogram(
             "returner_task_duration_seconds",
-            "From the task entering the stream to its outcome being durable and settled.",
+            "From the task entering the stream to its outcome being durable and acknowledged.",
             buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            registry=r,
         )
         self.stage = Histogram(
             "returner_stage_duration_seconds",
-            "Time per batch spent in each stage.",
+            "Time in each stage: load, encode, write per task; commit, ack per batch.",
             ["stage"],
             buckets=_STAGE_BUCKETS,
-            registry=self.registry,
+            registry=r,
+        )
+        self.bytes_written = Counter("returner_bytes_written", "JPEG bytes written.", registry=r)
+        self.deliveries = Histogram(
+            "returner_deliveries",
+            "Redis delivery count of each settled delivery.",
+            buckets=_DELIVERY_BUCKETS,
+            registry=r,
         )
         self.errors = Counter(
-            "returner_errors",
-            "Errors by kind (redis, disk, task).",
-            ["kind"],
-            registry=self.registry,
+            "returner_errors", "Errors by kind: redis, disk, task.", ["kind"], registry=r
+        )
+        self.reconnects = Counter(
+            "returner_redis_reconnects", "Times Redis answered again after failing.", registry=r
+        )
+        self.queue_length = Gauge(
+            "returner_queue_length", "Elements waiting in the list.", registry=r
+        )
+        self.pending = Gauge(
+            "returner_pending", "Entries delivered but not yet acknowledged.", registry=r
+        )
+        self.oldest_pending = Gauge(
+            "returner_oldest_pending_seconds",
+            "Age of the oldest pending entry (since it entered the stream).",
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "returner_dead_letters", "Entries in the dead-letter stream.", registry=r
+        )
+        self.ready = Gauge("returner_ready", "1 while /readyz would answer 200.", registry=r)
+        Info("returner_build", "Version information.", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
         )
         for outcome in OUTCOMES:
             self.tasks.labels(outcome=outcome.value)
@@ -58,31 +86,62 @@ class Metrics:
 
 
 class Health:
-    """What /healthz reports: the loop keeps ticking and Redis answered last time."""
+    """Liveness (the loop ticks, Redis answers) and readiness (also: not paused, not stuck).
 
-    def __init__(self) -> None:
+    Stuck means alive but not progressing: entries have been in hand for longer than
+    `stuck_after_s` and nothing has been acknowledged meanwhile.
+    """
+
+    def __init__(self, stuck_after_s: float = 120.0) -> None:
+        self.stuck_after_s = stuck_after_s
         self.redis_ok = False
+        self.paused = False
         self._tick = time.monotonic()
+        self._progress = time.monotonic()
+        self._holding_since: float | None = None
 
-    def tick(self, redis_ok: bool = True) -> None:
+    def tick(self, redis_ok: bool | None = None) -> None:
         self._tick = time.monotonic()
-        self.redis_ok = redis_ok
+        if redis_ok is not None:
+            self.redis_ok = redis_ok
+
+    def holding(self, busy: bool) -> None:
+        """Entries are in hand (True) or the worker is idle (False)."""
+        if not busy:
+            self._holding_since = None
+        elif self._holding_since is None:
+            self._holding_since = time.monotonic()
+
+    def progressed(self) -> None:
+        self._progress = time.monotonic()
 
     def live(self) -> tuple[bool, str]:
         age = time.monotonic() - self._tick
-        if age > STALE_AFTER_S:
+        if age > LIVE_WITHIN_S:
             return False, f"worker loop has not ticked for {age:.0f}s"
         if not self.redis_ok:
             return False, "redis is not answering"
         return True, "ok"
 
+    def ready(self) -> tuple[bool, str]:
+        ok, why = self.live()
+        if not ok:
+            return ok, why
+        if self.paused:
+            return False, "paused: the output disk is failing"
+        now = time.monotonic()
+        held = now - self._holding_since if self._holding_since is not None else 0.0
+        idle = now - self._progress
+        if min(held, idle) > self.stuck_after_s:
+            return False, f"stuck: entries in hand for {held:.0f}s, nothing acked for {idle:.0f}s"
+        return True, "ok"
+
 
 class MetricsServer:
-    """A small HTTP server in a daemon thread: /metrics and /healthz."""
+    """A small HTTP server in a daemon thread: /metrics, /healthz and /readyz."""
 
     def __init__(self, metrics: Metrics, health: Health, host: str, port: int) -> None:
-        handler = _handler(metrics, health)
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd = ThreadingHTTPServer((host, port), _handler(metrics, health))
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, name="metrics", daemon=True
@@ -106,9 +165,10 @@ def _handler(metrics: Metrics, health: Health) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
+                metrics.ready.set(1 if health.ready()[0] else 0)
                 self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                ok, why = health.live()
+            elif path in ("/healthz", "/readyz"):
+                ok, why = health.live() if path == "/healthz" else health.ready()
                 self._send(200 if ok else 503, (why + "\n").encode(), "text/plain")
             else:
                 self._send(404, b"not found\n", "text/plain")

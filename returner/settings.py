@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     )
     claim_min_idle_ms: int = Field(default=60_000, ge=100, alias="CLAIM_MIN_IDLE_MS")
     consumer_timeout_ms: int = Field(default=10_000, ge=3_000, alias="CONSUMER_TIMEOUT_MS")
+    stuck_after_ms: int = Field(default=120_000, ge=1_000, alias="STUCK_AFTER_MS")
     max_deliveries: int = Field(default=5, ge=1, alias="MAX_DELIVERIES")
     max_pixels: int = Field(default=100_000_000, ge=1, alias="MAX_PIXELS")
     results_max_entries: int = Field(default=100_000, ge=1, alias="RESULTS_MAX_ENTRIES")

@@ -70,6 +70,24 @@ def _entry(raw: Sequence[Any], deliveries: int | None = None) -> Entry:
     return Entry(id=_text(entry_id), task=task, deliveries=count)
 
 
+@dataclass(frozen=True)
+class Consumer:
+    name: str
+    pending: int
+    idle_ms: int  # since it last talked to Redis
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What Redis says about the queue at one instant."""
+
+    queue_length: int
+    dead_letters: int
+    pending: int
+    oldest_pending_s: float | None  # age of the oldest pending entry, from its ID
+    consumers: list[Consumer]
+
+
 class Stream:
     """The group's view of `{L}:stream` for one consumer."""
 
@@ -153,18 +171,27 @@ class Stream:
         nxt, entries, gone = got or ("0-0", [], 0)
         return [_entry(e) for e in entries], _text(nxt), int(gone)
 
-    def silent_consumers(self, timeout_ms: int) -> list[str]:
-        """Other consumers holding pending entries that have not talked to Redis lately."""
-        with translated("listing consumers"):
-            try:
-                infos = self.client.xinfo_consumers(self.keys.stream, self.group)
-            except redis.ResponseError:
-                return []
-        return [
-            _text(i["name"])
-            for i in infos
-            if i["pending"] and i["idle"] >= timeout_ms and _text(i["name"]) != self.consumer
-        ]
+    def observe(self) -> Observation:
+        """Queue, pending and dead-letter figures plus every consumer, in one round trip."""
+        with translated("observing the queue"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.llen(self.keys.queue)
+            pipe.xlen(self.keys.dead)
+            pipe.time()
+            pipe.xpending(self.keys.stream, self.group)
+            pipe.xinfo_consumers(self.keys.stream, self.group)
+            queued, dead, now, summary, infos = pipe.execute(raise_on_error=False)
+        for reply in (queued, dead, now):
+            if isinstance(reply, Exception):
+                raise RedisUnavailable(f"observing the queue: {reply}")
+        if isinstance(summary, Exception) or isinstance(infos, Exception):
+            summary, infos = {"pending": 0, "min": None}, []  # no stream or group yet
+        oldest = None
+        if summary["pending"] and summary["min"]:
+            now_ms = now[0] * 1000 + now[1] // 1000
+            oldest = max(0.0, (now_ms - int(_text(summary["min"]).split("-")[0])) / 1000)
+        consumers = [Consumer(_text(i["name"]), int(i["pending"]), int(i["idle"])) for i in infos]
+        return Observation(int(queued), int(dead), int(summary["pending"]), oldest, consumers)
 
     def rescue(self, silent: str, min_idle_ms: int, count: int) -> tuple[list[Entry], int]:
         """Claim a silent consumer's entries idle for `min_idle_ms`: (entries, deleted)."""
@@ -228,44 +255,48 @@ class Stream:
             new = self._revive(keys=[self.keys.stream, self.keys.dead], args=[dead_id])
         return _text(new) if new else None
 
-    def status(self) -> dict[str, Any]:
-        """Lengths, and pending entries per consumer with the oldest one's idle time."""
+    def status(self, errors: int = 5) -> dict[str, Any]:
+        """Lengths, pending per consumer with its oldest entry's idle time, last errors."""
+        seen = self.observe()
         with translated("reading status"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.llen(self.keys.queue)
-            pipe.xlen(self.keys.stream)
-            pipe.xlen(self.keys.dead)
-            queued, streamed, dead = pipe.execute()
-            consumers = self._consumers()
+            streamed = self.client.xlen(self.keys.stream)
+            last: list[Any] = self.client.xrevrange(self.keys.dead, "+", "-", count=errors) or []
+            consumers = [self._consumer_report(c) for c in seen.consumers]
         return {
             "queue": self.keys.queue,
-            "list_length": queued,
+            "list_length": seen.queue_length,
             "stream_length": streamed,
-            "dead_letters": dead,
+            "pending": seen.pending,
+            "oldest_pending_s": seen.oldest_pending_s,
             "consumers": consumers,
-            "pending": sum(c["pending"] for c in consumers),
+            "dead_letters": seen.dead_letters,
+            "last_errors": [_dead_report(i, f) for i, f in last],
         }
 
-    def _consumers(self) -> list[dict[str, Any]]:
-        try:
-            infos = self.client.xinfo_consumers(self.keys.stream, self.group)
-        except redis.ResponseError:
-            return []  # no stream or group yet
-        out = []
-        for info in infos:
-            name = _text(info["name"])
-            oldest = None
-            if info["pending"]:
-                held = self.client.xpending_range(
-                    self.keys.stream, self.group, "-", "+", 1000, consumername=name
-                )
-                oldest = max((p["time_since_delivered"] for p in held), default=None)
-            out.append(
-                {
-                    "name": name,
-                    "pending": int(info["pending"]),
-                    "idle_ms": int(info["idle"]),
-                    "oldest_pending_ms": oldest,
-                }
+    def _consumer_report(self, consumer: Consumer) -> dict[str, Any]:
+        oldest = None
+        if consumer.pending:
+            held = self.client.xpending_range(
+                self.keys.stream, self.group, "-", "+", 1000, consumername=consumer.name
             )
-        return out
+            oldest = max((p["time_since_delivered"] for p in held), default=None)
+        return {
+            "name": consumer.name,
+            "pending": consumer.pending,
+            "idle_ms": consumer.idle_ms,
+            "oldest_pending_ms": oldest,
+        }
+
+
+def _dead_report(dead_id: Any, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    def get(key: bytes) -> str | None:
+        value = fields.get(key)
+        return value.decode("utf-8", "replace") if value is not None else None
+
+    return {
+        "id": _text(dead_id),
+        "request_id": get(b"request_id"),
+        "image_id": get(b"image_id"),
+        "error": get(b"error"),
+        "deliveries": get(b"deliveries"),
+    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -190,6 +190,8 @@ class Outcome:
     file_path: Path | None = None  # final name once committed
     disk_error: bool = False  # a RETRY caused by the output disk: pause the worker
     released: bool = False  # the segment was unlinked
+    size: int = 0  # JPEG bytes written
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
     @property
     def key(self) -> tuple[str, str] | None:

@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 WAIT_S = 1.0  # longest block on an empty list: bounds shutdown and claim latency
 HEARTBEAT_S = 2.0  # entries in hand are touched this often, so no one claims them
-RESCUE_EVERY_S = 2.0  # how often to look for consumers that have gone silent
+OBSERVE_EVERY_S = 2.0  # queue gauges, and a look for consumers that have gone silent
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 10.0
 
 
@@ -99,7 +99,7 @@ class Worker:
         self._claim_cursor = "0-0"
         self._claim_due = 0.0
         self._claim_every = min(max(settings.claim_min_idle_ms / 4000, 1.0), 30.0)
-        self._rescue_due = 0.0
+        self._observe_due = 0.0
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -109,7 +109,7 @@ class Worker:
             self.start()
             self.recover_own()
             while not self.stop.is_set():
-                self.health.tick(self.health.redis_ok)
+                self.health.tick()
                 batch = self.next_batch()
                 if batch:
                     self.handle(batch)
@@ -154,9 +154,9 @@ class Worker:
     def next_batch(self) -> list[Entry]:
         """Entries of silent consumers, idle claimed ones, or new ones; waits when none."""
         now = time.monotonic()
-        if now >= self._rescue_due:
-            self._rescue_due = now + RESCUE_EVERY_S
-            rescued = self.rescue_silent()
+        if now >= self._observe_due:
+            self._observe_due = now + OBSERVE_EVERY_S
+            rescued = self.observe()
             if rescued:
                 return rescued
         if now >= self._claim_due:
@@ -168,23 +168,30 @@ class Worker:
             self.call_redis(lambda: self.stream.wait_for_tasks(WAIT_S))
         return entries
 
-    def rescue_silent(self) -> list[Entry]:
-        """Take over the entries of a consumer silent for CONSUMER_TIMEOUT_MS (it crashed).
+    def observe(self) -> list[Entry]:
+        """Update the queue gauges; take over the entries of a crashed consumer, if any.
 
         Live workers talk to Redis at least every second and touch what they hold
-        every HEARTBEAT_S, so silence means the worker is gone: its work is
-        recovered in seconds instead of after CLAIM_MIN_IDLE_MS.
+        every HEARTBEAT_S, so a consumer silent for CONSUMER_TIMEOUT_MS is gone: its
+        work is recovered in seconds instead of after CLAIM_MIN_IDLE_MS.
         """
+        seen = self.call_redis(self.stream.observe)
+        self.metrics.queue_length.set(seen.queue_length)
+        self.metrics.pending.set(seen.pending)
+        self.metrics.oldest_pending.set(seen.oldest_pending_s or 0.0)
+        self.metrics.dead_letters.set(seen.dead_letters)
         timeout = self.settings.consumer_timeout_ms
-        for name in self.call_redis(lambda: self.stream.silent_consumers(timeout)):
+        for c in seen.consumers:
+            if c.name == self.stream.consumer or not c.pending or c.idle_ms < timeout:
+                continue
             entries, gone = self.call_redis(
-                partial(self.stream.rescue, name, timeout, self.settings.batch_size)
+                partial(self.stream.rescue, c.name, timeout, self.settings.batch_size)
             )
             if entries or gone:
                 log.warning(
-                    "consumer %s silent for %d ms or more: took over %d entries",
-                    name,
-                    timeout,
+                    "consumer %s silent for %.1fs: taking over %d entries",
+                    c.name,
+                    c.idle_ms / 1000,
                     len(entries),
                 )
             if entries:
@@ -210,20 +217,22 @@ class Worker:
         """Process and settle a batch; pause and retry while the output disk fails."""
         todo = list(batch)
         backoff = Backoff()
-        while todo:
-            started = time.perf_counter()
-            outcomes = self.process_all(todo)
-            self.metrics.stage.labels(stage="encode").observe(time.perf_counter() - started)
-            retry = self.settle(outcomes)
-            todo = [o.entry for o in retry if o.disk_error]
-            if todo and not self.pause(todo, backoff):
-                return
+        self.health.holding(True)
+        try:
+            while todo:
+                retry = self.settle(self.process_all(todo))
+                todo = [o.entry for o in retry if o.disk_error]
+                if todo and not self.pause(todo, backoff):
+                    return
+        finally:
+            self.health.holding(False)
 
     def process_all(self, entries: list[Entry]) -> list[Outcome]:
         """Process on the encoder threads, touching unfinished entries every HEARTBEAT_S."""
         futures = [self.pool.submit(self.process, entry) for entry in entries]
         while True:
             _, running = wait(futures, timeout=HEARTBEAT_S)
+            self.health.tick()
             if not running:
                 return [f.result() for f in futures]
             held = [e.id for e, f in zip(entries, futures, strict=True) if f in running]
@@ -257,11 +266,22 @@ class Worker:
         return outcome
 
     def _encode_and_write(self, outcome: Outcome) -> None:
+        started = time.perf_counter()
         task = parse_task(outcome.entry.task, self.rules)
         outcome.shm_name = task.shm_name
-        data = frames.with_frame(task, lambda frame: encode(frame, task.channel_order, self.jpeg))
+
+        def encode_frame(frame: frames.Frame) -> tuple[float, bytes]:
+            return time.perf_counter(), encode(frame, task.channel_order, self.jpeg)
+
+        loaded, data = frames.with_frame(task, encode_frame)
+        encoded = time.perf_counter()
         outcome.temp_path = self.out.write_jpeg(data)
-        outcome.kind = Kind.COMPLETED
+        outcome.kind, outcome.size = Kind.COMPLETED, len(data)
+        outcome.timings = {
+            "load": loaded - started,
+            "encode": encoded - loaded,
+            "write": time.perf_counter() - encoded,
+        }
 
     def _safe(self, shm_name: str | None) -> str | None:
         """A segment name from an unvalidated message, if it may be unlinked."""
@@ -289,7 +309,8 @@ class Worker:
             if outcome.shm_name and outcome.kind is not Kind.RETRY:
                 outcome.released = frames.unlink(outcome.shm_name)
         self._acknowledge(outcomes)
-        self.metrics.stage.labels(stage="settle").observe(time.perf_counter() - committed)
+        self.metrics.stage.labels(stage="ack").observe(time.perf_counter() - committed)
+        self.health.progressed()
         return [o for o in outcomes if o.kind is Kind.RETRY]
 
     def _acknowledge(self, outcomes: list[Outcome]) -> None:
@@ -317,25 +338,39 @@ class Worker:
         self._report(outcome)
 
     def _report(self, outcome: Outcome) -> None:
-        self.tally.add(outcome.kind)
-        self.metrics.tasks.labels(outcome=outcome.kind.value).inc()
-        self.metrics.duration.observe(max(0.0, time.time() - outcome.entry.millis / 1000))
+        kind, entry = outcome.kind, outcome.entry
+        latency = max(0.0, time.time() - entry.millis / 1000)
+        self.tally.add(kind)
+        self.metrics.tasks.labels(outcome=kind.value).inc()
+        self.metrics.duration.observe(latency)
+        self.metrics.deliveries.observe(entry.deliveries)
+        self.metrics.bytes_written.inc(outcome.size)
+        for stage, seconds in outcome.timings.items():
+            self.metrics.stage.labels(stage=stage).observe(seconds)
         where = f" -> {outcome.file_path.name}" if outcome.file_path else ""
         why = f": {outcome.error}" if outcome.error else ""
         freed = ", segment released" if outcome.released else ""
-        level = (
-            logging.INFO if outcome.kind in (Kind.COMPLETED, Kind.DUPLICATE) else logging.WARNING
-        )
+        fields = {
+            "request_id": outcome.request_id,
+            "image_id": outcome.image_id,
+            "entry_id": entry.id,
+            "outcome": kind.value,
+            "deliveries": entry.deliveries,
+            "duration_s": round(latency, 6),
+            **{f"{k}_s": round(v, 6) for k, v in outcome.timings.items()},
+        }
+        ok = kind in (Kind.COMPLETED, Kind.DUPLICATE)
         log.log(
-            level,
+            logging.INFO if ok else logging.WARNING,
             "task %s/%s %s%s%s%s (entry %s)",
             outcome.request_id,
             outcome.image_id,
-            outcome.kind.value,
+            kind.value,
             where,
             why,
             freed,
-            outcome.entry.id,
+            entry.id,
+            extra=fields,
         )
 
     def pause(self, held: Sequence[Entry], backoff: Backoff) -> bool:
@@ -345,13 +380,17 @@ class Worker:
         """
         delay = backoff.next_delay()
         log.warning("output disk failing; pausing %.1fs with %d entries in hand", delay, len(held))
+        self.health.paused = True
         deadline = time.monotonic() + delay
-        while (left := deadline - time.monotonic()) > 0:
-            self.health.tick(self.health.redis_ok)
-            with contextlib.suppress(RedisUnavailable):
-                self.stream.touch([e.id for e in held])
-            if self.stop.wait(min(left, HEARTBEAT_S)):
-                return False
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                self.health.tick()
+                with contextlib.suppress(RedisUnavailable):
+                    self.stream.touch([e.id for e in held])
+                if self.stop.wait(min(left, HEARTBEAT_S)):
+                    return False
+        finally:
+            self.health.paused = False
         return True
 
     # -- redis with retries -------------------------------------------------------------
@@ -374,6 +413,7 @@ class Worker:
                     raise Stopping from None
                 continue
             if backoff.attempt:
-                log.info("redis is back")
+                self.metrics.reconnects.inc()
+                log.info("redis answers again")
             self.health.tick(redis_ok=True)
             return result
