@@ -8,20 +8,23 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
 
 from returner import __version__, demo, logs
 from returner.embedded import EmbeddedRedis
 from returner.errors import ReturnerError, SettingsError
 from returner.metrics import Health, Metrics, MetricsServer
-from returner.output import RESULTS
+from returner.output import results_counts
 from returner.settings import Settings, load_settings
 from returner.stream import Stream, connect, translated
-from returner.worker import Stopping, Worker
+from returner.worker import Worker
 
 log = logging.getLogger("returner")
 app = typer.Typer(
@@ -180,22 +183,34 @@ def start_demo(url: str, queue: str, count: int) -> None:
     threading.Thread(target=push, name="demo", daemon=True).start()
 
 
+Pending = Annotated[bool, typer.Option("--pending", help="Claim and process pending entries.")]
+DeadLetter = Annotated[
+    bool, typer.Option("--dead-letter", help="Move dead letters back into the stream.")
+]
+MinIdle = Annotated[
+    int | None,
+    typer.Option(
+        "--min-idle",
+        help="--pending: entries idle at least this many ms (default "
+        "CLAIM_MIN_IDLE_MS, which leaves live workers' entries alone; 0 takes everything).",
+    ),
+]
+Limit = Annotated[int | None, typer.Option("--limit", min=1, help="At most this many entries.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Only show what would be done.")]
+RequestId = Annotated[
+    str | None,
+    typer.Option("--request-id", help="--dead-letter: only dead letters of this request_id."),
+]
+
+
 @app.command()
 def replay(
-    pending: Annotated[
-        bool, typer.Option("--pending", help="Claim and process pending entries.")
-    ] = False,
-    dead_letter: Annotated[
-        bool, typer.Option("--dead-letter", help="Move dead letters back into the stream.")
-    ] = False,
-    min_idle: Annotated[
-        int | None,
-        typer.Option(
-            "--min-idle",
-            help="With --pending: only entries idle this many ms (default "
-            "CLAIM_MIN_IDLE_MS; 0 takes everything).",
-        ),
-    ] = None,
+    pending: Pending = False,
+    dead_letter: DeadLetter = False,
+    min_idle: MinIdle = None,
+    limit: Limit = None,
+    dry_run: DryRun = False,
+    request_id: RequestId = None,
     redis_url: RedisUrl = None,
     queue: Queue = None,
     output_dir: OutputDirOpt = None,
@@ -206,7 +221,13 @@ def replay(
 ) -> None:
     """Recover stuck work: claim and process pending entries, or retry dead letters.
 
-    Example: returner replay --pending --min-idle 0
+    --pending claims entries of any consumer (as CONSUMER_NAME-replay unless --consumer
+    is given) and runs them through the same pipeline as `run`; exit 0 when every
+    claimed entry was settled, 1 if some are still pending. --dead-letter moves dead
+    letters back into the stream, where running workers retry them.
+
+    Examples: returner replay --pending --min-idle 0 ;
+    returner replay --dead-letter --request-id req_001 --dry-run
     """
     if pending == dead_letter:
         raise fail("give exactly one of --pending or --dead-letter")
@@ -215,59 +236,86 @@ def replay(
         hosting_tasks_queue=queue,
         output_dir=output_dir,
         consumer_group=group,
-        log_level=log_level,
+        log_level=log_level or "WARNING",
         log_format=log_format,
     )
     with redis_url_for(settings, embedded_ok=False) as url:
         try:
             if dead_letter:
-                replay_dead(stream_for(settings, url))
+                replay_dead(stream_for(settings, url), request_id, limit, dry_run)
+                return
+            idle = settings.claim_min_idle_ms if min_idle is None else min_idle
+            stream = stream_for(settings, url, consumer or f"{settings.consumer_name}-replay")
+            stream.ping()
+            if dry_run:
+                show_pending(stream, idle, limit)
             else:
-                idle = settings.claim_min_idle_ms if min_idle is None else min_idle
-                name = consumer or f"{settings.consumer_name}-replay"
-                replay_pending(settings, stream_for(settings, url, name), idle)
+                replay_pending(settings, stream, idle, limit)
         except ReturnerError as exc:
             raise fail(str(exc), 1) from None
 
 
-def replay_pending(settings: Settings, stream: Stream, min_idle: int) -> None:
+def replay_pending(settings: Settings, stream: Stream, min_idle: int, limit: int | None) -> None:
     stop = threading.Event()
     install_stop_handlers(stop)
     worker = Worker(settings, stream, Metrics(), stop)
-    claimed = 0
-    try:
-        stream.ping()
-        worker.start()
-        while not stop.is_set():
-            entries = worker.claim_idle(min_idle)
-            claimed += len(entries)
-            if entries:
-                worker.handle(entries)
-                typer.echo(f"claimed {claimed}, settled {worker.tally.settled}", err=True)
-            if worker.claim_done:
-                break
-    except Stopping:
-        pass
-    finally:
-        worker.close()
-    tally = worker.tally
+    total = limit or stream.observe().pending
+    with progress_bar(total, "replaying") as advance:
+        try:
+            claimed = worker.replay_pending(min_idle, limit, advance)
+        finally:
+            worker.close()
+    stream.forget(stream.consumer)  # a replay consumer holding nothing leaves no trace
+    t = worker.tally
+    left = claimed - t.settled
     typer.echo(
-        f"claimed {claimed}: completed {tally.completed}, duplicate {tally.duplicate}, "
-        f"failed {tally.failed}, dead-lettered {tally.dead_lettered}, "
-        f"still pending {claimed - tally.settled}"
+        f"claimed {claimed}: completed {t.completed}, duplicate {t.duplicate}, "
+        f"failed {t.failed}, dead-lettered {t.dead_lettered}, still pending {left}"
     )
-    if tally.settled < claimed:
+    if left:
         raise typer.Exit(1)
 
 
-def replay_dead(stream: Stream) -> None:
-    moved = 0
+def show_pending(stream: Stream, min_idle: int, limit: int | None) -> None:
+    rows = stream.pending_idle(min_idle, limit or 10_000)
+    for row in rows:
+        typer.echo(
+            f"{row['id']}  consumer {row['consumer']}  idle {row['idle_ms']} ms  "
+            f"deliveries {row['deliveries']}"
+        )
+    typer.echo(f"would claim {len(rows)} entries idle for {min_idle} ms or more")
+
+
+def replay_dead(stream: Stream, request_id: str | None, limit: int | None, dry_run: bool) -> None:
+    wanted = request_id.encode() if request_id is not None else None
+    moved, after = 0, "-"
     with translated("replaying dead letters"):
-        while letters := stream.dead_letters(100):
-            for dead_id, _ in letters:
-                if stream.revive(dead_id):
+        while (limit is None or moved < limit) and (letters := stream.dead_letters(100, after)):
+            for dead_id, fields in letters:
+                after = dead_id
+                if wanted is not None and fields.get(b"request_id") != wanted:
+                    continue
+                if limit is not None and moved >= limit:
+                    break
+                if dry_run:
+                    error = fields.get(b"error", b"").decode("utf-8", "replace")
+                    typer.echo(f"{dead_id}  {error}")
                     moved += 1
-    typer.echo(f"moved {moved} dead letters back into {stream.keys.stream}")
+                elif stream.revive(dead_id):
+                    moved += 1
+    verb = "would move" if dry_run else "moved"
+    typer.echo(f"{verb} {moved} dead letters back into {stream.keys.stream}")
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, what: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on a terminal, plain lines otherwise; yields `advance(done)`."""
+    if not sys.stderr.isatty():
+        yield lambda done: typer.echo(f"{what}: {done} claimed", err=True)
+        return
+    with Progress(*Progress.get_default_columns(), console=Console(stderr=True)) as bar:
+        task = bar.add_task(what, total=max(total, 1))
+        yield lambda done: bar.update(task, completed=done)
 
 
 @app.command()
@@ -278,12 +326,17 @@ def status(
     output_dir: OutputDirOpt = None,
     group: Group = None,
 ) -> None:
-    """Show list and stream lengths, pending entries per consumer, dead letters, results.
+    """Show the list and stream lengths, pending entries per consumer with the oldest
+    idle time, dead letters with the last errors, and the results count.
 
     Example: returner status --json
     """
     settings = settings_from(
-        redis_url=redis_url, hosting_tasks_queue=queue, output_dir=output_dir, consumer_group=group
+        redis_url=redis_url,
+        hosting_tasks_queue=queue,
+        output_dir=output_dir,
+        consumer_group=group,
+        log_level="WARNING",
     )
     with redis_url_for(settings, embedded_ok=False) as url:
         try:
@@ -293,24 +346,37 @@ def status(
     report["results"] = count_results(settings.output_dir)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
-        return
-    typer.echo(f"list {report['queue']}: {report['list_length']}")
-    typer.echo(f"stream: {report['stream_length']} entries, {report['pending']} pending")
+    else:
+        show_status(report)
+
+
+def show_status(report: dict[str, Any]) -> None:
+    console = Console(highlight=False)
+    oldest = report["oldest_pending_s"]
+    console.print(f"list [bold]{report['queue']}[/]: {report['list_length']} waiting")
+    console.print(
+        f"stream: {report['stream_length']} entries, {report['pending']} pending"
+        + (f", oldest {oldest:.1f}s" if oldest is not None else "")
+    )
+    table = Table("consumer", "pending", "oldest pending", "idle", box=None)
     for c in report["consumers"]:
-        typer.echo(
-            f"  consumer {c['name']}: {c['pending']} pending, oldest "
-            f"{c['oldest_pending_ms']} ms, idle {c['idle_ms']} ms"
+        age = c["oldest_pending_ms"]
+        table.add_row(
+            c["name"],
+            str(c["pending"]),
+            "-" if age is None else f"{age / 1000:.1f}s",
+            f"{c['idle_ms'] / 1000:.1f}s",
         )
-    typer.echo(f"dead letters: {report['dead_letters']}")
-    typer.echo(f"results: {report['results']}")
+    console.print(table)
+    console.print(f"dead letters: {report['dead_letters']}")
+    for e in report["last_errors"]:
+        console.print(f"  {e['id']}  {e['request_id']}/{e['image_id']}: {e['error']}", markup=False)
+    results = report["results"]
+    console.print(f"results: {results['current']} in results.json, {results['total']} in all")
 
 
-def count_results(output_dir: Path) -> int | None:
-    try:
-        doc = json.loads((output_dir / RESULTS).read_bytes())
-    except (OSError, ValueError):
-        return None
-    return len(doc) if isinstance(doc, list) else None
+def count_results(output_dir: Path) -> dict[str, int]:
+    return dict(zip(("current", "total"), results_counts(output_dir), strict=True))
 
 
 @app.command("demo")

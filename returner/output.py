@@ -351,3 +351,20 @@ def _is_completed_record(record: Any) -> bool:
         and isinstance(record.get("request_id"), str)
         and isinstance(record.get("image_id"), str)
     )
+
+
+def results_counts(directory: Path) -> tuple[int, int]:
+    """Entries in results.json, and in it plus every rotated file (one entry per line)."""
+    current = total = 0
+    for path in directory.glob("results*.json"):
+        if path.name != RESULTS and not _ROTATED.fullmatch(path.name):
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        count = data.count(b"\n{")
+        total += count
+        if path.name == RESULTS:
+            current = count
+    return current, total

@@ -104,6 +104,7 @@ class Stream:
         self._revive = _script(client, "revive")
         self._rescue = _script(client, "rescue")
         self._touch = _script(client, "touch")
+        self._forget = _script(client, "forget")
 
     def ensure_group(self) -> None:
         """Create the stream and the consumer group if missing. Raises RedisUnavailable."""
@@ -203,6 +204,33 @@ class Stream:
         )
         entries, gone = got or ([], 0)
         return [_entry(e) for e in entries], int(gone)
+
+    def pending_idle(self, min_idle_ms: int, count: int) -> list[dict[str, Any]]:
+        """Pending entries idle for `min_idle_ms`, without claiming them."""
+        with translated("listing pending entries"):
+            try:
+                rows = self.client.xpending_range(
+                    self.keys.stream, self.group, "-", "+", count, idle=min_idle_ms
+                )
+            except redis.ResponseError:
+                return []
+        return [
+            {
+                "id": _text(p["message_id"]),
+                "consumer": _text(p["consumer"]),
+                "idle_ms": int(p["time_since_delivered"]),
+                "deliveries": int(p["times_delivered"]),
+            }
+            for p in rows
+        ]
+
+    def forget(self, consumer: str) -> bool:
+        """Remove `consumer` from the group if it holds no pending entries."""
+        return bool(
+            self._run(
+                "removing a consumer", self._forget, [self.keys.stream], [self.group, consumer]
+            )
+        )
 
     def ack(self, ids: Sequence[str]) -> None:
         """Acknowledge and delete entries whose outcome is durable."""

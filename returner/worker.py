@@ -198,10 +198,11 @@ class Worker:
                 return entries
         return []
 
-    def claim_idle(self, min_idle_ms: int) -> list[Entry]:
+    def claim_idle(self, min_idle_ms: int, count: int | None = None) -> list[Entry]:
         """One XAUTOCLAIM step; schedules the next pass once the cursor wraps."""
+        count = count or self.settings.batch_size
         entries, self._claim_cursor, gone = self.call_redis(
-            lambda: self.stream.claim(min_idle_ms, self._claim_cursor, self.settings.batch_size)
+            lambda: self.stream.claim(min_idle_ms, self._claim_cursor, count)
         )
         if gone:
             log.warning("%d pending entries had been deleted from the stream; acked", gone)
@@ -210,6 +211,29 @@ class Worker:
         if entries:
             log.info("claimed %d entries idle for %d ms or more", len(entries), min_idle_ms)
         return entries
+
+    def replay_pending(
+        self, min_idle_ms: int, limit: int | None, progress: Callable[[int], None]
+    ) -> int:
+        """Claim every entry idle for `min_idle_ms` (one pass) and settle it; the count claimed.
+
+        `progress` is called with the number claimed so far after each batch.
+        """
+        claimed = 0
+        try:
+            self.start()
+            while not self.stop.is_set() and (limit is None or claimed < limit):
+                room = self.settings.batch_size if limit is None else limit - claimed
+                entries = self.claim_idle(min_idle_ms, min(room, self.settings.batch_size))
+                claimed += len(entries)
+                if entries:
+                    self.handle(entries)
+                    progress(claimed)
+                if self.claim_done:
+                    break
+        except Stopping:
+            log.warning("stopped; unsettled entries stay pending")
+        return claimed
 
     # -- one batch --------------------------------------------------------------------
 
