@@ -55,6 +55,13 @@ def pending_rows(r: redis.Redis, queue: str) -> list[dict[str, Any]]:
     return rows
 
 
+def rows(r: redis.Redis, key: str, start: str = "-", end: str = "+"
+         ) -> list[tuple[str, dict[bytes, bytes]]]:
+    """XRANGE of a stream as (ID, fields), typed."""
+    raw: list[Any] = r.xrange(key, start, end)
+    return [(_text(i), dict(f)) for i, f in raw]
+
+
 def held(r: redis.Redis, queue: str, consumer: str = "ghost") -> list[Entry]:
     """A consumer's pending entries with Redis's delivery counts, read without side effects
     (XPENDING + XRANGE; re-reading the history with XREADGROUP would count a delivery)."""
@@ -62,7 +69,7 @@ def held(r: redis.Redis, queue: str, consumer: str = "ghost") -> list[Entry]:
     stream = keys(queue).stream
     for row in r.xpending_range(stream, GROUP, "-", "+", 1000, consumername=consumer):
         entry_id = _text(row["message_id"])
-        [(_, fields)] = r.xrange(stream, entry_id, entry_id)
+        [(_, fields)] = rows(r, stream, entry_id, entry_id)
         entries.append(Entry(entry_id, fields[b"task"], int(row["times_delivered"])))
     return entries
 
@@ -143,7 +150,7 @@ def test_replay_pending_under_a_chosen_consumer(
     assert summary(done.stdout)["claimed"] == 3
     assert summary(done.stdout)["completed"] == 2
     assert "consumer night-shift of group" in done.stderr
-    [(_, letter)] = r.xrange(keys(queue).dead, "-", "+")
+    [(_, letter)] = rows(r, keys(queue).dead)
     assert letter[b"consumer"] == b"night-shift"
     assert letter[b"task"] == b"not json"
     names = consumers(r, queue)
@@ -224,7 +231,7 @@ def test_replay_pending_mixed_batch_summary(
     assert summary(done.stdout) == {"claimed": 5, "completed": 1, "duplicate": 1, "failed": 2,
                                     "dead_lettered": 1, "still_pending": 0}
 
-    letters = {bytes(f[b"task"]): f for _, f in r.xrange(dead, "-", "+")}
+    letters = {bytes(f[b"task"]): f for _, f in rows(r, dead)}
     assert set(letters) == {b"not json", missing, worn}
     assert b"does not exist" in letters[missing][b"error"]
     assert letters[worn][b"image_id"] == b"worn"
@@ -273,7 +280,7 @@ def test_replay_dead_letters_by_request_id_and_limit(
                           {"request_id": request_id, "image_id": image_id})
     dead = keys(queue).dead
     assert r.xlen(dead) == 4
-    dead_ids = {f[b"image_id"].decode(): _text(i) for i, f in r.xrange(dead, "-", "+")}
+    dead_ids = {f[b"image_id"].decode(): _text(i) for i, f in rows(r, dead)}
 
     dry = run_cli("replay", "--dead-letter", "--request-id", "req_a", "--dry-run",
                   env=service_env, cwd=tmp_path)
@@ -296,9 +303,9 @@ def test_replay_dead_letters_by_request_id_and_limit(
                    env=service_env, cwd=tmp_path)
     assert rest.returncode == 0, rest.stderr
     assert "moved 1 dead letters" in rest.stdout
-    left = {f[b"request_id"] for _, f in r.xrange(dead, "-", "+")}
+    left = {f[b"request_id"] for _, f in rows(r, dead)}
     assert left == {b"req_b", b"req_c"}
-    assert sorted(bytes(f[b"task"]) for _, f in r.xrange(keys(queue).stream, "-", "+")) == sorted(
+    assert sorted(bytes(f[b"task"]) for _, f in rows(r, keys(queue).stream)) == sorted(
         [entries[0].task, entries[2].task])
 
     svc = service().start()
@@ -329,7 +336,7 @@ def test_replay_dead_letters_limit_without_filter(
     one = run_cli("replay", "--dead-letter", "--limit", "1", env=service_env, cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     assert "moved 1 dead letters" in one.stdout
-    [(_, still)] = r.xrange(keys(queue).dead, "-", "+")
+    [(_, still)] = rows(r, keys(queue).dead)
     assert still[b"image_id"] == b"y_0"  # the oldest one went first
 
     svc = service().start()
@@ -385,7 +392,7 @@ def test_status_json_after_known_work(
     assert report["dead_letters"] == 1
     [error] = report["last_errors"]
     assert set(error) >= {"id", "request_id", "image_id", "error", "deliveries"}
-    [(dead_id, _)] = r.xrange(keys(queue).dead, "-", "+")
+    [(dead_id, _)] = rows(r, keys(queue).dead)
     assert error["id"] == _text(dead_id)
     assert (error["request_id"], error["image_id"]) == ("req_s", "s_0")
     assert error["error"] == "encoder exploded on s_0"

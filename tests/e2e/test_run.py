@@ -164,3 +164,16 @@ def test_idle_worker_leaves_redis_idle(service, r: redis.Redis, queue: str, outp
     r.rpush(queue, frames.task(random_frame((32, 32, 3)), "req", "wake"))
     wait_for(lambda: results_count(output_dir) == 1, timeout=5, what="the pushed task")
     assert svc.stop() == 0
+
+
+def test_json_logs(service, service_env: dict[str, str], r: redis.Redis, queue: str,
+                   output_dir: Path, frames: Frames) -> None:
+    svc = service({**service_env, "LOG_FORMAT": "json"}).start()
+    r.rpush(queue, frames.task(random_frame((48, 48, 3)), "req_j", "img_j"))
+    wait_for(lambda: results_count(output_dir) == 1, what="the task")
+    assert svc.stop() == 0
+    lines = [json.loads(line) for line in svc.logs(None).splitlines() if line.strip()]
+    [outcome] = [doc for doc in lines if doc.get("outcome")]
+    assert outcome["request_id"] == "req_j" and outcome["image_id"] == "img_j"
+    assert outcome["outcome"] == "completed" and outcome["deliveries"] == 1
+    assert outcome["entry_id"] and outcome["duration_s"] >= outcome["encode_s"] > 0
