@@ -326,5 +326,12 @@ def _dead_report(dead_id: Any, fields: dict[bytes, bytes]) -> dict[str, Any]:
         "request_id": get(b"request_id"),
         "image_id": get(b"image_id"),
         "error": get(b"error"),
-        "deliveries": get(b"deliveries"),
+        "deliveries": _int(fields.get(b"deliveries")),
     }
+
+
+def _int(value: bytes | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -51,14 +51,16 @@ def consumers(r: redis.Redis, queue: str) -> dict[str, int]:
 
 
 def pending_rows(r: redis.Redis, queue: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = r.xpending_range(keys(queue).stream, GROUP, "-", "+", 1000)
-    return rows
+    """XPENDING's extended form for the whole group, oldest first."""
+    found: list[dict[str, Any]] = r.xpending_range(keys(queue).stream, GROUP, "-", "+", 1000)
+    return found
 
 
-def rows(r: redis.Redis, key: str, start: str = "-", end: str = "+"
-         ) -> list[tuple[str, dict[bytes, bytes]]]:
+def rows(
+    r: redis.Redis, key: str, start: str = "-", end: str = "+"
+) -> list[tuple[str, dict[bytes, bytes]]]:
     """XRANGE of a stream as (ID, fields), typed."""
-    raw: list[Any] = r.xrange(key, start, end)
+    raw: Any = r.xrange(key, start, end)
     return [(_text(i), dict(f)) for i, f in raw]
 
 
@@ -74,8 +76,9 @@ def held(r: redis.Redis, queue: str, consumer: str = "ghost") -> list[Entry]:
     return entries
 
 
-def strand_ids(r: redis.Redis, queue: str, frames: Frames, ids: Sequence[tuple[str, str]]
-               ) -> tuple[Stream, list[Entry]]:
+def strand_ids(
+    r: redis.Redis, queue: str, frames: Frames, ids: Sequence[tuple[str, str]]
+) -> tuple[Stream, list[Entry]]:
     """Like `strand`, with chosen (request_id, image_id) pairs; returns the entries in order."""
     for i, (request_id, image_id) in enumerate(ids):
         r.rpush(queue, frames.task(random_frame((48, 64, 3), seed=100 + i), request_id, image_id))
@@ -102,18 +105,29 @@ def one_line_error(result: Any) -> str:
 
 
 def test_replay_pending_limit_takes_exactly_that_many(
-    service_env: dict[str, str], r: redis.Redis, queue: str, output_dir: Path, frames: Frames,
+    service_env: dict[str, str],
+    r: redis.Redis,
+    queue: str,
+    output_dir: Path,
+    frames: Frames,
     tmp_path: Path,
 ) -> None:
     strand(r, queue, frames, 5)
     replay_consumer = f"{service_env['CONSUMER_NAME']}-replay"
 
-    first = run_cli("replay", "--pending", "--min-idle", "0", "--limit", "2",
-                    env=service_env, cwd=tmp_path)
+    first = run_cli(
+        "replay", "--pending", "--min-idle", "0", "--limit", "2", env=service_env, cwd=tmp_path
+    )
     assert first.returncode == 0, first.stderr
     assert "claimed 2: completed 2" in first.stdout
-    assert summary(first.stdout) == {"claimed": 2, "completed": 2, "duplicate": 0, "failed": 0,
-                                     "dead_lettered": 0, "still_pending": 0}
+    assert summary(first.stdout) == {
+        "claimed": 2,
+        "completed": 2,
+        "duplicate": 0,
+        "failed": 0,
+        "dead_lettered": 0,
+        "still_pending": 0,
+    }
     assert "replaying: 2 claimed" in first.stderr  # progress, plain lines when not a TTY
     assert results_count(output_dir) == 2
     assert {e["status"] for e in read_results(output_dir)} == {"completed"}
@@ -123,8 +137,14 @@ def test_replay_pending_limit_takes_exactly_that_many(
 
     second = run_cli("replay", "--pending", "--min-idle", "0", env=service_env, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
-    assert summary(second.stdout) == {"claimed": 3, "completed": 3, "duplicate": 0, "failed": 0,
-                                      "dead_lettered": 0, "still_pending": 0}
+    assert summary(second.stdout) == {
+        "claimed": 3,
+        "completed": 3,
+        "duplicate": 0,
+        "failed": 0,
+        "dead_lettered": 0,
+        "still_pending": 0,
+    }
     results = read_results(output_dir)
     assert sorted(e["image_id"] for e in results) == [f"img_{i}" for i in range(5)]
     assert {e["status"] for e in results} == {"completed"}
@@ -136,7 +156,11 @@ def test_replay_pending_limit_takes_exactly_that_many(
 
 
 def test_replay_pending_under_a_chosen_consumer(
-    service_env: dict[str, str], r: redis.Redis, queue: str, output_dir: Path, frames: Frames,
+    service_env: dict[str, str],
+    r: redis.Redis,
+    queue: str,
+    output_dir: Path,
+    frames: Frames,
     tmp_path: Path,
 ) -> None:
     strand(r, queue, frames, 2)
@@ -144,8 +168,18 @@ def test_replay_pending_under_a_chosen_consumer(
     Stream(r, queue, GROUP, "ghost").fetch(1)
     assert consumers(r, queue) == {"ghost": 3}
 
-    done = run_cli("replay", "--pending", "--min-idle", "0", "--consumer", "night-shift",
-                   "--log-level", "INFO", env=service_env, cwd=tmp_path)
+    done = run_cli(
+        "replay",
+        "--pending",
+        "--min-idle",
+        "0",
+        "--consumer",
+        "night-shift",
+        "--log-level",
+        "INFO",
+        env=service_env,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert summary(done.stdout)["claimed"] == 3
     assert summary(done.stdout)["completed"] == 2
@@ -160,19 +194,26 @@ def test_replay_pending_under_a_chosen_consumer(
 
 
 def test_replay_pending_dry_run_claims_nothing(
-    service_env: dict[str, str], r: redis.Redis, queue: str, output_dir: Path, frames: Frames,
+    service_env: dict[str, str],
+    r: redis.Redis,
+    queue: str,
+    output_dir: Path,
+    frames: Frames,
     tmp_path: Path,
 ) -> None:
     strand(r, queue, frames, 3)
     before = pending_rows(r, queue)
     assert len(before) == 3
 
-    shown = run_cli("replay", "--pending", "--dry-run", "--min-idle", "0",
-                    env=service_env, cwd=tmp_path)
+    shown = run_cli(
+        "replay", "--pending", "--dry-run", "--min-idle", "0", env=service_env, cwd=tmp_path
+    )
     assert shown.returncode == 0, shown.stderr
     for row in before:
-        line = next((ln for ln in shown.stdout.splitlines()
-                     if ln.startswith(_text(row["message_id"]))), None)
+        line = next(
+            (ln for ln in shown.stdout.splitlines() if ln.startswith(_text(row["message_id"]))),
+            None,
+        )
         assert line is not None, shown.stdout
         assert "consumer ghost" in line
         assert f"deliveries {row['times_delivered']}" in line
@@ -189,7 +230,11 @@ def test_replay_pending_dry_run_claims_nothing(
 
 
 def test_replay_pending_default_min_idle_leaves_fresh_entries(
-    service_env: dict[str, str], r: redis.Redis, queue: str, output_dir: Path, frames: Frames,
+    service_env: dict[str, str],
+    r: redis.Redis,
+    queue: str,
+    output_dir: Path,
+    frames: Frames,
     tmp_path: Path,
 ) -> None:
     strand(r, queue, frames, 3)
@@ -204,7 +249,11 @@ def test_replay_pending_default_min_idle_leaves_fresh_entries(
 
 
 def test_replay_pending_mixed_batch_summary(
-    service_env: dict[str, str], r: redis.Redis, queue: str, output_dir: Path, frames: Frames,
+    service_env: dict[str, str],
+    r: redis.Redis,
+    queue: str,
+    output_dir: Path,
+    frames: Frames,
     tmp_path: Path,
 ) -> None:
     """completed, duplicate, failed (bad input) and dead-lettered (delivery count over
@@ -228,10 +277,16 @@ def test_replay_pending_mixed_batch_summary(
 
     done = run_cli("replay", "--pending", "--min-idle", "0", env=service_env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert summary(done.stdout) == {"claimed": 5, "completed": 1, "duplicate": 1, "failed": 2,
-                                    "dead_lettered": 1, "still_pending": 0}
+    assert summary(done.stdout) == {
+        "claimed": 5,
+        "completed": 1,
+        "duplicate": 1,
+        "failed": 2,
+        "dead_lettered": 1,
+        "still_pending": 0,
+    }
 
-    letters = {bytes(f[b"task"]): f for _, f in rows(r, dead)}
+    letters = {f[b"task"]: f for _, f in rows(r, dead)}
     assert set(letters) == {b"not json", missing, worn}
     assert b"does not exist" in letters[missing][b"error"]
     assert letters[worn][b"image_id"] == b"worn"
@@ -254,11 +309,14 @@ def test_replay_needs_exactly_one_mode(service_env: dict[str, str], tmp_path: Pa
         assert "--pending" in err and "--dead-letter" in err
 
 
-def test_unreachable_redis_is_one_clear_line(service_env: dict[str, str], tmp_path: Path
-                                             ) -> None:
+def test_unreachable_redis_is_one_clear_line(service_env: dict[str, str], tmp_path: Path) -> None:
     env = {**service_env, "REDIS_URL": UNREACHABLE}
-    for args in (("replay", "--pending"), ("replay", "--dead-letter"), ("status",),
-                 ("status", "--json")):
+    for args in (
+        ("replay", "--pending"),
+        ("replay", "--dead-letter"),
+        ("status",),
+        ("status", "--json"),
+    ):
         result = run_cli(*args, env=env, cwd=tmp_path)
         assert result.returncode == 1, (args, result.stdout, result.stderr)
         err = one_line_error(result)
@@ -270,20 +328,35 @@ def test_unreachable_redis_is_one_clear_line(service_env: dict[str, str], tmp_pa
 
 
 def test_replay_dead_letters_by_request_id_and_limit(
-    service: Callable[..., Service], service_env: dict[str, str], r: redis.Redis, queue: str,
-    output_dir: Path, frames: Frames, tmp_path: Path,
+    service: Callable[..., Service],
+    service_env: dict[str, str],
+    r: redis.Redis,
+    queue: str,
+    output_dir: Path,
+    frames: Frames,
+    tmp_path: Path,
 ) -> None:
     ids = [("req_a", "a_0"), ("req_b", "b_0"), ("req_a", "a_1"), ("req_c", "c_0")]
     ghost, entries = strand_ids(r, queue, frames, ids)
     for entry, (request_id, image_id) in zip(entries, ids, strict=True):
-        ghost.dead_letter(entry, f"outage while saving {image_id}",
-                          {"request_id": request_id, "image_id": image_id})
+        ghost.dead_letter(
+            entry,
+            f"outage while saving {image_id}",
+            {"request_id": request_id, "image_id": image_id},
+        )
     dead = keys(queue).dead
     assert r.xlen(dead) == 4
     dead_ids = {f[b"image_id"].decode(): _text(i) for i, f in rows(r, dead)}
 
-    dry = run_cli("replay", "--dead-letter", "--request-id", "req_a", "--dry-run",
-                  env=service_env, cwd=tmp_path)
+    dry = run_cli(
+        "replay",
+        "--dead-letter",
+        "--request-id",
+        "req_a",
+        "--dry-run",
+        env=service_env,
+        cwd=tmp_path,
+    )
     assert dry.returncode == 0, dry.stderr
     assert f"{dead_ids['a_0']}  outage while saving a_0" in dry.stdout
     assert f"{dead_ids['a_1']}  outage while saving a_1" in dry.stdout
@@ -292,36 +365,53 @@ def test_replay_dead_letters_by_request_id_and_limit(
     assert r.xlen(dead) == 4
     assert r.xlen(keys(queue).stream) == 0
 
-    one = run_cli("replay", "--dead-letter", "--request-id", "req_a", "--limit", "1",
-                  env=service_env, cwd=tmp_path)
+    one = run_cli(
+        "replay",
+        "--dead-letter",
+        "--request-id",
+        "req_a",
+        "--limit",
+        "1",
+        env=service_env,
+        cwd=tmp_path,
+    )
     assert one.returncode == 0, one.stderr
     assert "moved 1 dead letters" in one.stdout
     assert r.xlen(dead) == 3
     assert r.xlen(keys(queue).stream) == 1
 
-    rest = run_cli("replay", "--dead-letter", "--request-id", "req_a",
-                   env=service_env, cwd=tmp_path)
+    rest = run_cli(
+        "replay", "--dead-letter", "--request-id", "req_a", env=service_env, cwd=tmp_path
+    )
     assert rest.returncode == 0, rest.stderr
     assert "moved 1 dead letters" in rest.stdout
     left = {f[b"request_id"] for _, f in rows(r, dead)}
     assert left == {b"req_b", b"req_c"}
-    assert sorted(bytes(f[b"task"]) for _, f in rows(r, keys(queue).stream)) == sorted(
-        [entries[0].task, entries[2].task])
+    assert sorted(f[b"task"] for _, f in rows(r, keys(queue).stream)) == sorted(
+        [entries[0].task, entries[2].task]
+    )
 
     svc = service().start()
     wait_for(lambda: results_count(output_dir) == 2, what="revived dead letters completed")
     assert svc.stop() == 0
     results = read_results(output_dir)
     assert {(e["request_id"], e["image_id"], e["status"]) for e in results} == {
-        ("req_a", "a_0", "completed"), ("req_a", "a_1", "completed")}
+        ("req_a", "a_0", "completed"),
+        ("req_a", "a_1", "completed"),
+    }
     assert r.xlen(dead) == 2  # the service does not touch dead letters
     assert not frames.exists(frames.names[0]) and not frames.exists(frames.names[2])
     assert frames.exists(frames.names[1]) and frames.exists(frames.names[3])
 
 
 def test_replay_dead_letters_limit_without_filter(
-    service: Callable[..., Service], service_env: dict[str, str], r: redis.Redis, queue: str,
-    output_dir: Path, frames: Frames, tmp_path: Path,
+    service: Callable[..., Service],
+    service_env: dict[str, str],
+    r: redis.Redis,
+    queue: str,
+    output_dir: Path,
+    frames: Frames,
+    tmp_path: Path,
 ) -> None:
     ghost, entries = strand_ids(r, queue, frames, [("req_x", "x_0"), ("req_y", "y_0")])
     for entry, image_id in zip(entries, ("x_0", "y_0"), strict=True):
@@ -349,8 +439,14 @@ def test_replay_dead_letters_limit_without_filter(
 # -- status -----------------------------------------------------------------------------
 
 
-def complete_with_service(service: Callable[..., Service], r: redis.Redis, queue: str,
-                          output_dir: Path, frames: Frames, count: int) -> None:
+def complete_with_service(
+    service: Callable[..., Service],
+    r: redis.Redis,
+    queue: str,
+    output_dir: Path,
+    frames: Frames,
+    count: int,
+) -> None:
     for i in range(count):
         r.rpush(queue, frames.task(random_frame((32, 48, 3), seed=50 + i), "req_ok", f"ok_{i}"))
     svc = service().start()
@@ -359,21 +455,35 @@ def complete_with_service(service: Callable[..., Service], r: redis.Redis, queue
 
 
 def test_status_json_after_known_work(
-    service: Callable[..., Service], service_env: dict[str, str], r: redis.Redis, queue: str,
-    output_dir: Path, frames: Frames, tmp_path: Path,
+    service: Callable[..., Service],
+    service_env: dict[str, str],
+    r: redis.Redis,
+    queue: str,
+    output_dir: Path,
+    frames: Frames,
+    tmp_path: Path,
 ) -> None:
     complete_with_service(service, r, queue, output_dir, frames, 3)
     ghost, entries = strand_ids(r, queue, frames, [("req_s", "s_0"), ("req_s", "s_1")])
-    ghost.dead_letter(entries[0], "encoder exploded on s_0",
-                      {"request_id": "req_s", "image_id": "s_0"})
+    ghost.dead_letter(
+        entries[0], "encoder exploded on s_0", {"request_id": "req_s", "image_id": "s_0"}
+    )
     r.rpush(queue, b"waiting one")
     r.rpush(queue, b"waiting two")
 
     shown = run_cli("status", "--json", env=service_env, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     report = json.loads(shown.stdout)
-    for key in ("list_length", "stream_length", "pending", "oldest_pending_s", "consumers",
-                "dead_letters", "last_errors", "results"):
+    for key in (
+        "list_length",
+        "stream_length",
+        "pending",
+        "oldest_pending_s",
+        "consumers",
+        "dead_letters",
+        "last_errors",
+        "results",
+    ):
         assert key in report, key
     assert report["list_length"] == 2
     assert report["stream_length"] == 1
@@ -393,7 +503,7 @@ def test_status_json_after_known_work(
     [error] = report["last_errors"]
     assert set(error) >= {"id", "request_id", "image_id", "error", "deliveries"}
     [(dead_id, _)] = rows(r, keys(queue).dead)
-    assert error["id"] == _text(dead_id)
+    assert error["id"] == dead_id
     assert (error["request_id"], error["image_id"]) == ("req_s", "s_0")
     assert error["error"] == "encoder exploded on s_0"
     assert int(error["deliveries"]) == entries[0].deliveries == 1
@@ -401,7 +511,11 @@ def test_status_json_after_known_work(
 
 
 def test_status_json_counts_are_numbers(
-    service_env: dict[str, str], r: redis.Redis, queue: str, frames: Frames, tmp_path: Path,
+    service_env: dict[str, str],
+    r: redis.Redis,
+    queue: str,
+    frames: Frames,
+    tmp_path: Path,
 ) -> None:
     """Every count in the JSON report is a JSON number, including a dead letter's deliveries."""
     ghost, entries = strand_ids(r, queue, frames, [("req_n", "n_0")])
@@ -412,16 +526,22 @@ def test_status_json_counts_are_numbers(
 
 
 def test_status_text(
-    service_env: dict[str, str], r: redis.Redis, queue: str, output_dir: Path, frames: Frames,
+    service_env: dict[str, str],
+    r: redis.Redis,
+    queue: str,
+    output_dir: Path,
+    frames: Frames,
     tmp_path: Path,
 ) -> None:
     strand(r, queue, frames, 2)
     done = run_cli("replay", "--pending", "--min-idle", "0", env=service_env, cwd=tmp_path)
     assert summary(done.stdout)["completed"] == 2, done.stdout + done.stderr
-    ghost, entries = strand_ids(r, queue, frames, [("req_t", "t_0"), ("req_t", "t_1"),
-                                                   ("req_t", "t_2")])
-    ghost.dead_letter(entries[0], "segment vanished mid-read",
-                      {"request_id": "req_t", "image_id": "t_0"})
+    ghost, entries = strand_ids(
+        r, queue, frames, [("req_t", "t_0"), ("req_t", "t_1"), ("req_t", "t_2")]
+    )
+    ghost.dead_letter(
+        entries[0], "segment vanished mid-read", {"request_id": "req_t", "image_id": "t_0"}
+    )
     r.rpush(queue, b"waiting")
 
     shown = run_cli("status", env=service_env, cwd=tmp_path)
