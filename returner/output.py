@@ -77,16 +77,17 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Create `path` (a new dot-file) with `data` and fsync it. Raises DiskError."""
+def write_durably(path: Path, *chunks: bytes | bytearray) -> None:
+    """Create `path` (a new dot-file) with the chunks and fsync it. Raises DiskError."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as exc:
         raise _disk_error(f"creating {path.name}", exc) from exc
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
         os.fsync(fd)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -158,7 +159,8 @@ class ResultsLog:
         self.out = out
         self.max_entries = max_entries
         self.path = out.path / RESULTS
-        self._lines: list[bytes] = []
+        self._body = bytearray()  # the entries of results.json, joined by ",\n"
+        self._count = 0
         self._completed: set[tuple[str, str]] = set()
         self._rotated: set[str] = set()
         self._seen: tuple[int, int, int] | None = None
@@ -187,7 +189,7 @@ class ResultsLog:
         return key is not None and key in self._completed
 
     def __len__(self) -> int:
-        return len(self._lines)
+        return self._count
 
     def commit(self, outcomes: Iterable[Outcome]) -> None:
         """Make the outcomes durable: name and move JPEGs, append entries, fsync.
@@ -238,9 +240,12 @@ class ResultsLog:
         raise OSError(errno.EEXIST, "no free file name")
 
     def _append(self, line: bytes) -> None:
-        if len(self._lines) >= self.max_entries:
+        if self._count >= self.max_entries:
             self._rotate()
-        self._lines.append(line)
+        if self._count:
+            self._body += b",\n"
+        self._body += line
+        self._count += 1
 
     def _rotate(self) -> None:
         # Write out what this commit added so far, then hard-link: results.json exists
@@ -256,15 +261,17 @@ class ResultsLog:
             except FileExistsError:
                 continue
             self._rotated.add(name)
-            self._lines = []
+            self._body, self._count = bytearray(), 0
             log.info("rotated results.json to %s", name)
             return
         raise OSError(errno.EEXIST, "no free name to rotate results.json")
 
     def _write(self) -> None:
-        body = b"[\n" + b",\n".join(self._lines) + b"\n]\n" if self._lines else b"[]\n"
         temp = self.out.temp_path()
-        write_durably(temp, body)
+        if self._count:
+            write_durably(temp, b"[\n", self._body, b"\n]\n")
+        else:
+            write_durably(temp, b"[]\n")
         try:
             os.rename(temp, self.path)
         except OSError:
@@ -300,7 +307,8 @@ class ResultsLog:
             return names
         if collect_names or stamp is None or self._seen is None or stamp[0] != self._seen[0]:
             st = self._load_rotated(st, names, every=collect_names)
-        self._lines = self._load(self.path, names) if st is not None else []
+        lines = self._load(self.path, names) if st is not None else []
+        self._body, self._count = bytearray(b",\n".join(lines)), len(lines)
         self._seen = stamp if st is not None else None
         return names
 

@@ -186,6 +186,7 @@ class Outcome:
     image_id: str | None = None
     error: str | None = None
     shm_name: str | None = None  # a segment to unlink once the outcome is durable
+    data: bytes | None = None  # the encoded JPEG, until it is written
     temp_path: Path | None = None  # encoded JPEG, fsynced, waiting for its final name
     file_path: Path | None = None  # final name once committed
     disk_error: bool = False  # a RETRY caused by the output disk: pause the worker

@@ -12,20 +12,20 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from returner import frames
-from returner.encode import JpegOptions, encode
-from returner.errors import DiskError, PermanentError, RedisUnavailable, TransientError
+from returner.encode import JpegOptions
+from returner.errors import DiskError, RedisUnavailable
 from returner.metrics import Health, Metrics
 from returner.output import OutputDir, ResultsLog
+from returner.pipeline import Flight, Pipeline
 from returner.settings import Settings
 from returner.stream import Stream
-from returner.task import Entry, Kind, Outcome, Rules, parse_task, read_ids
+from returner.task import Entry, Kind, Outcome, Rules
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,11 +90,13 @@ class Worker:
         self.health = health or Health()
         self.out = OutputDir(settings.output_dir)
         self.results = ResultsLog(self.out, settings.results_max_entries)
-        self.rules = Rules(
+        rules = Rules(
             re.compile(settings.shm_name_pattern), settings.max_pixels, settings.channel_order
         )
-        self.jpeg = JpegOptions(settings.jpeg_quality, settings.jpeg_subsampling)
-        self.pool = ThreadPoolExecutor(settings.encoder_threads, thread_name_prefix="encode")
+        jpeg = JpegOptions(settings.jpeg_quality, settings.jpeg_subsampling)
+        self.pipeline = Pipeline(
+            self.out, self.results, rules, jpeg, settings.max_deliveries, settings.encoder_threads
+        )
         self.tally = Tally()
         self._claim_cursor = "0-0"
         self._claim_due = 0.0
@@ -105,14 +107,15 @@ class Worker:
 
     def run(self) -> None:
         """Serve until stopped: own pending entries first, then new and claimed ones."""
+        flights: deque[Flight] = deque()
         try:
             self.start()
             self.recover_own()
             while not self.stop.is_set():
                 self.health.tick()
-                batch = self.next_batch()
-                if batch:
-                    self.handle(batch)
+                self.step(flights)
+            while flights:  # finish and settle everything in hand
+                self.land(flights.popleft(), flights)
         except Stopping:
             log.info("stopped while waiting for redis; unsettled entries stay pending")
         finally:
@@ -131,7 +134,7 @@ class Worker:
         )
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.pipeline.close()
         self.results.close()
 
     def recover_own(self) -> None:
@@ -151,7 +154,28 @@ class Worker:
         """The last XAUTOCLAIM pass reached the end of the pending list."""
         return self._claim_cursor == "0-0"
 
-    def next_batch(self) -> list[Entry]:
+    def step(self, flights: deque[Flight]) -> None:
+        """Keep two batches in flight: the next one encodes while the last one commits."""
+        if len(flights) < 2:
+            batch = self.next_batch(wait=not flights)
+            if batch:
+                self.health.holding(True)
+                flights.append(self.pipeline.submit(batch))
+                if len(flights) < 2 or not flights[0].done():
+                    return
+        if flights:
+            self.land(flights.popleft(), flights)
+
+    def land(self, flight: Flight, flights: deque[Flight]) -> None:
+        """Settle a finished flight; on a failing disk, drain the rest and retry them all."""
+        retry = [o for o in self.settle(self.collect(flight)) if o.disk_error]
+        if retry:
+            while flights:
+                retry += [o for o in self.settle(self.collect(flights.popleft())) if o.disk_error]
+            self.handle([o.entry for o in retry])
+        self.health.holding(bool(flights))
+
+    def next_batch(self, wait: bool = True) -> list[Entry]:
         """Entries of silent consumers, idle claimed ones, or new ones; waits when none."""
         now = time.monotonic()
         if now >= self._observe_due:
@@ -164,7 +188,7 @@ class Worker:
             if claimed:
                 return claimed
         entries = self.call_redis(lambda: self.stream.fetch(self.settings.batch_size))
-        if not entries and not self.stop.is_set():
+        if not entries and wait and not self.stop.is_set():
             self.call_redis(lambda: self.stream.wait_for_tasks(WAIT_S))
         return entries
 
@@ -238,80 +262,28 @@ class Worker:
     # -- one batch --------------------------------------------------------------------
 
     def handle(self, batch: Sequence[Entry]) -> None:
-        """Process and settle a batch; pause and retry while the output disk fails."""
+        """Process and settle a batch now; pause and retry while the output disk fails."""
         todo = list(batch)
         backoff = Backoff()
         self.health.holding(True)
         try:
             while todo:
-                retry = self.settle(self.process_all(todo))
+                retry = self.settle(self.collect(self.pipeline.submit(todo)))
                 todo = [o.entry for o in retry if o.disk_error]
                 if todo and not self.pause(todo, backoff):
                     return
         finally:
             self.health.holding(False)
 
-    def process_all(self, entries: list[Entry]) -> list[Outcome]:
-        """Process on the encoder threads, touching unfinished entries every HEARTBEAT_S."""
-        futures = [self.pool.submit(self.process, entry) for entry in entries]
-        while True:
-            _, running = wait(futures, timeout=HEARTBEAT_S)
+    def collect(self, flight: Flight) -> list[Outcome]:
+        """Wait for a flight, touching its unfinished entries so that no one claims them."""
+
+        def waiting(ids: list[str]) -> None:
             self.health.tick()
-            if not running:
-                return [f.result() for f in futures]
-            held = [e.id for e, f in zip(entries, futures, strict=True) if f in running]
             with contextlib.suppress(RedisUnavailable):
-                self.stream.touch(held)
+                self.stream.touch(ids)
 
-    def process(self, entry: Entry) -> Outcome:
-        """Decide one delivery's outcome and write its JPEG; never touches Redis."""
-        rid, iid, shm_name = read_ids(entry.task)
-        outcome = Outcome(entry, Kind.RETRY, rid, iid)
-        if self.results.is_completed(outcome.key):
-            outcome.kind, outcome.shm_name = Kind.DUPLICATE, self._safe(shm_name)
-            return outcome
-        if entry.deliveries > self.settings.max_deliveries:
-            outcome.kind = Kind.DEAD_LETTERED
-            outcome.error = f"gave up after {entry.deliveries} deliveries"
-            return outcome
-        log.info("task %s/%s started (entry %s, delivery %d)", rid, iid, entry.id, entry.deliveries)
-        try:
-            self._encode_and_write(outcome)
-        except PermanentError as exc:
-            outcome.kind, outcome.error = Kind.FAILED, str(exc)
-            outcome.shm_name = outcome.shm_name or self._safe(shm_name)
-        except DiskError as exc:
-            outcome.error, outcome.disk_error = str(exc), True
-        except TransientError as exc:
-            outcome.error = str(exc)
-        except Exception as exc:  # a bug or an unforeseen fault: leave it pending
-            log.exception("task %s/%s: unexpected error; left pending for a retry", rid, iid)
-            outcome.error = f"{type(exc).__name__}: {exc}"
-        return outcome
-
-    def _encode_and_write(self, outcome: Outcome) -> None:
-        started = time.perf_counter()
-        task = parse_task(outcome.entry.task, self.rules)
-        outcome.shm_name = task.shm_name
-
-        def encode_frame(frame: frames.Frame) -> tuple[float, bytes]:
-            return time.perf_counter(), encode(frame, task.channel_order, self.jpeg)
-
-        loaded, data = frames.with_frame(task, encode_frame)
-        encoded = time.perf_counter()
-        outcome.temp_path = self.out.write_jpeg(data)
-        outcome.kind, outcome.size = Kind.COMPLETED, len(data)
-        outcome.timings = {
-            "load": loaded - started,
-            "encode": encoded - loaded,
-            "write": time.perf_counter() - encoded,
-        }
-
-    def _safe(self, shm_name: str | None) -> str | None:
-        """A segment name from an unvalidated message, if it may be unlinked."""
-        if shm_name and "/" not in shm_name and self.rules.shm_name_pattern.fullmatch(shm_name):
-            return shm_name
-        return None
+        return self.pipeline.collect(flight, HEARTBEAT_S, waiting)
 
     # -- settling ---------------------------------------------------------------------
 
@@ -329,9 +301,10 @@ class Worker:
             return outcomes
         committed = time.perf_counter()
         self.metrics.stage.labels(stage="commit").observe(committed - started)
-        for outcome in outcomes:
-            if outcome.shm_name and outcome.kind is not Kind.RETRY:
-                outcome.released = frames.unlink(outcome.shm_name)
+        releasing = [o for o in outcomes if o.shm_name and o.kind is not Kind.RETRY]
+        released = self.pipeline.release([o.shm_name for o in releasing])  # type: ignore[misc]
+        for outcome, freed in zip(releasing, released, strict=True):
+            outcome.released = freed
         self._acknowledge(outcomes)
         self.metrics.stage.labels(stage="ack").observe(time.perf_counter() - committed)
         self.health.progressed()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from returner import worker as worker_module
+from returner import pipeline as pipeline_module
 from returner.logs import JsonFormatter
 from returner.metrics import Health, Metrics, MetricsServer
 from returner.settings import Settings
@@ -133,13 +133,13 @@ def test_alive_but_stuck(serve, make_settings, r: redis.Redis, queue: str, frame
                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A hung encode keeps /healthz green (the loop ticks) but turns /readyz red."""
     release = threading.Event()
-    real_encode = worker_module.encode
+    real_encode = pipeline_module.encode
 
     def hanging_encode(*args, **kwargs):  # type: ignore[no-untyped-def]
         release.wait(30)
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(worker_module, "encode", hanging_encode)
+    monkeypatch.setattr(pipeline_module, "encode", hanging_encode)
     served = serve(make_settings(STUCK_AFTER_MS=1000))
     try:
         wait_for(lambda: get(served.port, "/readyz")[0] == 200, what="ready before the task")
