@@ -25,8 +25,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check returner
 	$(BIN)/mypy
 
+## bench: the benchmark suite (figures in benchmarks/results.jsonl); see benchmarks/README.md
 bench: $(STAMP)
-	$(BIN)/pytest benchmarks --benchmark-only
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pytest benchmarks --benchmark-only -s -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .returner

@@ -240,12 +240,12 @@ class ResultsLog:
         raise OSError(errno.EEXIST, "no free file name")
 
     def _append(self, line: bytes) -> None:
-        if self._count >= self.max_entries:
-            self._rotate()
         if self._count:
             self._body += b",\n"
         self._body += line
         self._count += 1
+        if self._count >= self.max_entries:  # full: archive it now, start afresh
+            self._rotate()
 
     def _rotate(self) -> None:
         # Write out what this commit added so far, then hard-link: results.json exists

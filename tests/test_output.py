@@ -345,11 +345,13 @@ def rotated_files(directory: Path) -> list[Path]:
 def test_rotation(outdir: Path) -> None:
     out, log = open_log(outdir, max_entries=3)
     before = datetime.now(UTC).replace(microsecond=0)
-    for n in range(3):
+    for n in range(2):
         log.commit([completed(out, f"r{n}", f"i{n}")])
-    assert len(read_results(outdir)) == 3 and rotated_files(outdir) == []
-    log.commit([completed(out, "r3", "i3")])
+    assert len(read_results(outdir)) == 2 and rotated_files(outdir) == []
+    log.commit([completed(out, "r2", "i2")])  # now it holds 3: rotated at once
     after = datetime.now(UTC)
+    assert read_results(outdir) == []
+    log.commit([completed(out, "r3", "i3")])
 
     [archive] = rotated_files(outdir)
     match = ROTATED.fullmatch(archive.name)

@@ -1,0 +1,153 @@
+"""What the end-to-end benchmarks share: frames in shared memory, the service as a
+subprocess, results.json read back, /dev/shm page size, and the seed module's design."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+from returner import frames
+from returner.demo import put_frame, task_message
+
+SHAPE = (1448, 1024, 3)
+
+
+def history(path: Path, count: int) -> None:
+    """A results.json of `count` earlier entries, as the service writes it."""
+    line = json.dumps({"timestamp": "2026-01-01T00:00:00+00:00", "request_id": "old",
+                       "image_id": "{}", "file_path": None, "status": "failed", "error": "x"})
+    body = ",\n".join(line.replace('"{}"', f'"old_{i}"') for i in range(count))
+    path.write_text(f"[\n{body}\n]\n" if count else "[]\n")
+
+
+def push_frames(client: redis.Redis, queue: str, frame: np.ndarray, count: int,
+                prefix: str = "img") -> list[str]:
+    """Put `count` copies of `frame` in shared memory and push their tasks."""
+    names = []
+    for i in range(count):
+        name = put_frame(frame)
+        names.append(name)
+        client.rpush(queue, task_message(name, frame.shape, "bench", f"{prefix}_{i}"))
+    return names
+
+
+def release(names: list[str]) -> None:
+    for name in names:
+        frames.unlink(name)
+
+
+def completion_times(output_dir: Path) -> list[float]:
+    """Commit times (epoch seconds) of the completed entries in results.json."""
+    try:
+        entries = json.loads((output_dir / "results.json").read_bytes())
+    except (OSError, ValueError):
+        return []
+    return sorted(datetime.fromisoformat(e["timestamp"]).timestamp()
+                  for e in entries if e["status"] == "completed" and e["request_id"] == "bench")
+
+
+def rate(times: list[float]) -> float:
+    """Frames per second between the first and the last completion (no start-up)."""
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def wait_until(condition: Any, timeout: float, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark condition not reached")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def service(url: str, queue: str, output_dir: Path, **settings: str) -> Iterator[Path]:
+    """`returner run` as a subprocess; yields its log file. Stopped with SIGTERM."""
+    env = dict(os.environ, REDIS_URL=url, HOSTING_TASKS_QUEUE=queue, OUTPUT_DIR=str(output_dir),
+               METRICS_PORT="0", LOG_LEVEL="WARNING", CONSUMER_NAME=f"bench-{uuid.uuid4().hex[:6]}")
+    env.update(settings)
+    log = output_dir.parent / f"service-{queue.replace(':', '_')}.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "returner", "run"], env=env,
+                                stdout=sink, stderr=sink)
+    try:
+        yield log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        assert code == 0, log.read_text()[-3000:]
+
+
+@contextlib.contextmanager
+def shm_pages(mode: str) -> Iterator[None]:
+    """Run with /dev/shm on 4 KiB pages ("4k") or huge pages ("huge", needs root).
+
+    Huge pages make mapping a frame and freeing it at unlink far cheaper; see the
+    README. The mount option is put back afterwards.
+    """
+    if mode == "4k":
+        yield
+        return
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("remounting /dev/shm with huge pages needs root")
+    before = _shm_huge_option()
+    subprocess.run(["mount", "-o", "remount,huge=within_size", "/dev/shm"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["mount", "-o", f"remount,huge={before}", "/dev/shm"], check=True)
+
+
+def _shm_huge_option() -> str:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "/dev/shm":
+            for option in fields[3].split(","):
+                if option.startswith("huge="):
+                    return option.split("=", 1)[1]
+    return "never"
+
+
+def original_design(client: redis.Redis, queue: str, output_dir: Path, count: int) -> None:
+    """The seed module's loop: BLPOP one task, copy the frame out of shared memory,
+    OpenCV RGB->BGR and imwrite, then load, append and rewrite results.json."""
+    from multiprocessing.shared_memory import SharedMemory
+
+    import cv2
+
+    results = output_dir / "results.json"
+    for _ in range(count):
+        _, raw = client.blpop([queue], timeout=5)  # type: ignore[misc]
+        task = json.loads(raw)
+        info = task["shm_info"]
+        shm = SharedMemory(name=info["shm_name"])
+        image = np.ndarray(info["shape"], dtype=np.uint8, buffer=shm.buf).copy()
+        shm.close()
+        shm.unlink()
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+        path = output_dir / f"{task['image_id']}_{stamp}.jpg"
+        cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, 80])
+        entries = json.loads(results.read_text()) if results.exists() else []
+        entries.append({"timestamp": datetime.now().astimezone().isoformat(),
+                        "request_id": task["request_id"], "image_id": task["image_id"],
+                        "file_path": str(path), "status": "completed"})
+        results.write_text(json.dumps(entries, indent=2))

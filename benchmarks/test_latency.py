@@ -1,0 +1,120 @@
+"""Latency from RPUSH to a durable result, at half the service's maximum throughput.
+
+A producer thread pushes tasks for frames already in shared memory at a steady rate;
+a watcher notes when each entry first appears in results.json, which the service
+renames into place only after fsyncing it (so a visible entry is a durable one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from benchmarks import harness
+from returner.demo import put_frame, task_message
+
+RATE = float(os.environ.get("BENCH_LATENCY_RATE", "0"))  # frames/s; 0: half the measured max
+DURATION_S = 5.0
+
+
+class Watcher(threading.Thread):
+    """Polls results.json every millisecond; records when each image_id first appears."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.path, self.seen, self.halt = path, {}, threading.Event()
+
+    def run(self) -> None:
+        stamp, offset = None, 0
+        while not self.halt.is_set():
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                time.sleep(0.001)
+                continue
+            if (st.st_ino, st.st_size) != stamp:
+                stamp, now = (st.st_ino, st.st_size), time.time()
+                data = self.path.read_bytes()
+                for line in data[max(offset - 4, 0):].splitlines():
+                    line = line.strip().rstrip(b",")
+                    if line.startswith(b"{"):
+                        self.seen.setdefault(json.loads(line)["image_id"], now)
+                offset = len(data)
+            time.sleep(0.001)
+
+
+def measure(client: redis.Redis, url: str, tmp: Path, frame: np.ndarray, rate: float
+            ) -> tuple[float, float, float]:
+    count = int(rate * DURATION_S)
+    queue = f"lat:{uuid.uuid4().hex[:8]}"
+    out = tmp / queue.replace(":", "_")
+    out.mkdir(parents=True)
+    names = [put_frame(frame) for _ in range(count)]  # ready before the clock starts
+    pushed: dict[str, float] = {}
+    try:
+        with harness.service(url, queue, out):
+            watcher = Watcher(out / "results.json")
+            watcher.start()
+            harness.wait_until(lambda: (out / "results.json").exists(), timeout=30)
+            start = time.monotonic()
+            for i, name in enumerate(names):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)  # the producer's pacing
+                image_id = f"lat_{i}"
+                pushed[image_id] = time.time()
+                client.rpush(queue, task_message(name, frame.shape, "bench", image_id))
+            harness.wait_until(lambda: len(watcher.seen) == count, timeout=120)
+            watcher.halt.set()
+        latencies = np.array([watcher.seen[k] - t for k, t in pushed.items()]) * 1000
+        return float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)), \
+            float(latencies.max())
+    finally:
+        harness.release(names)
+
+
+@pytest.mark.parametrize("pages", ["4k", "huge"])
+def test_latency(pages: str, benchmark, bench_redis, page_frame, tmp_path: Path,  # type: ignore[no-untyped-def]
+                 report) -> None:
+    client, url = bench_redis
+    figures: list[float] = []
+
+    def run() -> None:
+        figures.extend(latency_run(client, url, tmp_path, page_frame))
+
+    with harness.shm_pages(pages):
+        benchmark.pedantic(run, rounds=1, iterations=1)
+    rate, p50, p99, worst = figures
+    report(f"latency p50 [{pages} pages, {rate:.0f}/s]", p50, "ms")
+    report(f"latency p99 [{pages} pages, {rate:.0f}/s]", p99, "ms")
+    report(f"latency max [{pages} pages, {rate:.0f}/s]", worst, "ms")
+    benchmark.extra_info.update(rate=rate, p50_ms=p50, p99_ms=p99, max_ms=worst)
+    assert p50 > 0
+
+
+def latency_run(client: redis.Redis, url: str, tmp_path: Path, page_frame: np.ndarray
+                ) -> tuple[float, float, float, float]:
+    """(rate, p50 ms, p99 ms, max ms) at RATE, or at half the maximum measured now."""
+    rate = RATE or max_rate(client, url, tmp_path, page_frame) / 2
+    return (rate, *measure(client, url, tmp_path, page_frame, rate))
+
+
+def max_rate(client: redis.Redis, url: str, tmp_path: Path, page_frame: np.ndarray) -> float:
+    queue = f"max:{uuid.uuid4().hex[:6]}"
+    names = harness.push_frames(client, queue, page_frame, 400)
+    out = tmp_path / "max"
+    out.mkdir()
+    try:
+        with harness.service(url, queue, out):
+            harness.wait_until(lambda: len(harness.completion_times(out)) == 400, 120)
+        return harness.rate(harness.completion_times(out))
+    finally:
+        harness.release(names)

@@ -1,0 +1,89 @@
+"""End-to-end throughput of `returner run` against the encode-only ceiling and the seed
+module's design, all measured in this one run, on 1448x1024 RGB frames (q80, 4:2:0).
+
+Rates are taken between the first and the last completion in results.json, so
+process start-up is not counted. Run: make bench (or pytest benchmarks -k throughput).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+import simplejpeg
+
+from benchmarks import harness
+
+SERVICE_FRAMES = 1200
+ORIGINAL_FRAMES = {0: 300, 20_000: 40}
+
+
+def ceiling(frame, count: int = 600) -> float:  # type: ignore[no-untyped-def]
+    """simplejpeg alone, one thread per core, the frame in memory."""
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        started = time.perf_counter()
+        list(pool.map(lambda _: simplejpeg.encode_jpeg(frame, 80, "RGB", "420"), range(count)))
+        return count / (time.perf_counter() - started)
+
+
+def service_rate(client: redis.Redis, url: str, tmp: Path, frame, earlier: int) -> float:  # type: ignore[no-untyped-def]
+    queue = f"bench:{uuid.uuid4().hex[:8]}"
+    out = tmp / queue.replace(":", "_")
+    out.mkdir(parents=True)
+    harness.history(out / "results.json", earlier)
+    names = harness.push_frames(client, queue, frame, SERVICE_FRAMES)
+    try:
+        with harness.service(url, queue, out):
+            harness.wait_until(
+                lambda: len(harness.completion_times(out)) == SERVICE_FRAMES, timeout=300)
+        return harness.rate(harness.completion_times(out))
+    finally:
+        harness.release(names)
+
+
+def original_rate(client: redis.Redis, tmp: Path, frame, earlier: int) -> float:  # type: ignore[no-untyped-def]
+    pytest.importorskip("cv2")
+    queue = f"orig:{uuid.uuid4().hex[:8]}"
+    out = tmp / queue.replace(":", "_")
+    out.mkdir(parents=True)
+    harness.history(out / "results.json", earlier)
+    count = ORIGINAL_FRAMES[earlier]
+    names = harness.push_frames(client, queue, frame, count)
+    try:
+        started = time.perf_counter()
+        harness.original_design(client, queue, out, count)
+        return count / (time.perf_counter() - started)
+    finally:
+        harness.release(names)
+
+
+@pytest.mark.parametrize("pages", ["4k", "huge"])
+def test_throughput(pages: str, benchmark, bench_redis, page_frame, tmp_path: Path,  # type: ignore[no-untyped-def]
+                    report) -> None:
+    client, url = bench_redis
+    figures: dict[str, float] = {}
+
+    def run() -> None:
+        figures["ceiling"] = ceiling(page_frame)
+        for earlier in (0, 20_000):
+            figures[f"service {earlier}"] = service_rate(client, url, tmp_path, page_frame,
+                                                         earlier)
+            figures[f"original {earlier}"] = original_rate(client, tmp_path, page_frame, earlier)
+
+    with harness.shm_pages(pages):
+        benchmark.pedantic(run, rounds=1, iterations=1)
+    top = figures["ceiling"]
+    report(f"ceiling [{pages} pages]", top, "frames/s")
+    for earlier in (0, 20_000):
+        ours, theirs = figures[f"service {earlier}"], figures[f"original {earlier}"]
+        report(f"service [{pages} pages, {earlier} earlier]", ours, "frames/s")
+        report(f"original [{pages} pages, {earlier} earlier]", theirs, "frames/s")
+        report(f"service/ceiling [{pages} pages, {earlier} earlier]", ours / top, "x")
+        report(f"service/original [{pages} pages, {earlier} earlier]", ours / theirs, "x")
+    benchmark.extra_info.update(figures)
+    assert top > 0
