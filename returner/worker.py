@@ -118,8 +118,15 @@ class Worker:
                 self.land(flights.popleft(), flights)
         except Stopping:
             log.info("stopped while waiting for redis; unsettled entries stay pending")
+            self.abandon(flights)
         finally:
             self.close()
+
+    def abandon(self, flights: deque[Flight]) -> None:
+        """Drop work that cannot be settled now; it stays pending in Redis."""
+        for flight in flights:
+            for outcome in self.pipeline.collect(flight, HEARTBEAT_S, lambda _: None):
+                self.out.discard(outcome.temp_path)
 
     def start(self) -> None:
         """Load the results and join the group, waiting for Redis as long as it takes."""
