@@ -32,6 +32,11 @@ T = TypeVar("T")
 
 WAIT_S = 1.0  # longest block on an empty list: bounds shutdown and claim latency
 HEARTBEAT_S = 2.0  # entries in hand are touched this often, so no one claims them
+# Entries delivered before (after a crash, or claimed from another consumer) are
+# suspects: one of them may be a poison frame that kills the process. They are read
+# and processed one at a time, so that a crash counts only against the entry that
+# caused it, not against every entry that shared its batch.
+SUSPECTS_AT_ONCE = 1
 OBSERVE_EVERY_S = 2.0  # queue gauges, and a look for consumers that have gone silent
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 10.0
 
@@ -94,8 +99,15 @@ class Worker:
             re.compile(settings.shm_name_pattern), settings.max_pixels, settings.channel_order
         )
         jpeg = JpegOptions(settings.jpeg_quality, settings.jpeg_subsampling)
+        crash_on = frozenset(filter(None, settings.crash_on_image_ids.split(",")))
         self.pipeline = Pipeline(
-            self.out, self.results, rules, jpeg, settings.max_deliveries, settings.encoder_threads
+            self.out,
+            self.results,
+            rules,
+            jpeg,
+            settings.max_deliveries,
+            settings.encoder_threads,
+            crash_on,
         )
         self.tally = Tally()
         self._claim_cursor = "0-0"
@@ -146,11 +158,18 @@ class Worker:
 
     def recover_own(self) -> None:
         """Finish this consumer's own pending entries, left by an earlier run."""
-        after, batch = "0", self.settings.batch_size
+        after = "0"
         while not self.stop.is_set():
-            entries, last, _ = self.call_redis(partial(self.stream.own_pending, after, batch))
+            entries, last, _ = self.call_redis(
+                partial(self.stream.own_pending, after, SUSPECTS_AT_ONCE)
+            )
+            for entry in entries:
+                log.info(
+                    "recovering entry %s of an earlier run (delivery %d)",
+                    entry.id,
+                    entry.deliveries,
+                )
             if entries:
-                log.info("recovering %d pending entries of an earlier run", len(entries))
                 self.handle(entries)
             if last == after:
                 return
@@ -189,6 +208,7 @@ class Worker:
             self._observe_due = now + OBSERVE_EVERY_S
             rescued = self.observe()
             if rescued:
+                self._observe_due = 0.0  # keep taking over, one suspect at a time
                 return rescued
         if now >= self._claim_due:
             claimed = self.claim_idle(self.settings.claim_min_idle_ms)
@@ -216,7 +236,7 @@ class Worker:
             if c.name == self.stream.consumer or not c.pending or c.idle_ms < timeout:
                 continue
             entries, gone = self.call_redis(
-                partial(self.stream.rescue, c.name, timeout, self.settings.batch_size)
+                partial(self.stream.rescue, c.name, timeout, SUSPECTS_AT_ONCE)
             )
             if entries or gone:
                 log.warning(
@@ -229,9 +249,8 @@ class Worker:
                 return entries
         return []
 
-    def claim_idle(self, min_idle_ms: int, count: int | None = None) -> list[Entry]:
+    def claim_idle(self, min_idle_ms: int, count: int = SUSPECTS_AT_ONCE) -> list[Entry]:
         """One XAUTOCLAIM step; schedules the next pass once the cursor wraps."""
-        count = count or self.settings.batch_size
         entries, self._claim_cursor, gone = self.call_redis(
             lambda: self.stream.claim(min_idle_ms, self._claim_cursor, count)
         )
@@ -254,8 +273,7 @@ class Worker:
         try:
             self.start()
             while not self.stop.is_set() and (limit is None or claimed < limit):
-                room = self.settings.batch_size if limit is None else limit - claimed
-                entries = self.claim_idle(min_idle_ms, min(room, self.settings.batch_size))
+                entries = self.claim_idle(min_idle_ms)
                 claimed += len(entries)
                 if entries:
                     self.handle(entries)

@@ -71,6 +71,7 @@ def test_metrics_after_known_work(serve, make_settings, r: redis.Redis, queue: s
     served = serve(make_settings())
     for i in range(3):
         r.rpush(queue, frames.task(random_frame((64, 80, 3), seed=i), "req", f"img_{i}"))
+    wait_for(lambda: served.worker.tally.settled == 3, what="three completed")
     r.rpush(queue, frames.task(random_frame((64, 80, 3)), "req", "img_0"))  # a duplicate
     r.rpush(queue, b"{}")  # failed
     wait_for(lambda: served.worker.tally.settled == 5, what="five settled deliveries")
