@@ -30,5 +30,9 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/pytest benchmarks --benchmark-only -s -p no:cacheprovider
 
+## fuzz: the property tests with 10,000 examples each
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=10000 $(BIN)/pytest -m fuzz -p no:cacheprovider
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .returner
