@@ -113,6 +113,8 @@ def run(
     jpeg_subsampling: Annotated[str | None, typer.Option(help="JPEG_SUBSAMPLING.")] = None,
     channel_order: Annotated[str | None, typer.Option(help="CHANNEL_ORDER.")] = None,
     claim_min_idle_ms: Annotated[int | None, typer.Option(help="CLAIM_MIN_IDLE_MS.")] = None,
+    consumer_timeout_ms: Annotated[int | None, typer.Option(help="CONSUMER_TIMEOUT_MS.")] = None,
+    stuck_after_ms: Annotated[int | None, typer.Option(help="STUCK_AFTER_MS.")] = None,
     max_deliveries: Annotated[int | None, typer.Option(help="MAX_DELIVERIES.")] = None,
     max_pixels: Annotated[int | None, typer.Option(help="MAX_PIXELS.")] = None,
     results_max_entries: Annotated[int | None, typer.Option(help="RESULTS_MAX_ENTRIES.")] = None,
