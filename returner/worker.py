@@ -69,9 +69,6 @@ class Backoff:
         self.attempt += 1
         return random.uniform(cap / 2, cap)
 
-    def reset(self) -> None:
-        self.attempt = 0
-
 
 class Stopping(Exception):
     """Raised out of a Redis retry loop when the worker is asked to stop."""
