@@ -3,8 +3,10 @@
 Every change is temp file -> fsync -> rename -> directory fsync. JPEGs get their
 final name only inside `ResultsLog.commit`, under the same flock that guards
 `results.json`, so a JPEG never becomes visible without the entry that references
-it except for the instant between the two renames; `ResultsLog.open` sweeps such
-orphans (left by a crash in that instant) before the worker starts.
+it except between the two renames. Each JPEG name is noted in the lock file before
+its rename and the note is cleared once results.json references it: whoever takes
+the lock next removes the JPEGs of a writer that died in between, even if that
+writer never starts again. `ResultsLog.open` also sweeps the whole directory.
 """
 
 from __future__ import annotations
@@ -167,8 +169,13 @@ class ResultsLog:
         self._moved: list[Outcome] = []  # JPEGs renamed by the commit under way
         self._flushed = 0  # how many of those are already in a written results file
         self._lock_fd = os.open(out.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        self._intent = 0  # bytes of JPEG names noted in the lock file, not yet recorded
 
     def close(self) -> None:
+        """Remove temp files that dead writers left, then release the lock file."""
+        with contextlib.suppress(OSError), self._locked():
+            for temp in self.out.stale_temps():
+                self.out.discard(temp)
         os.close(self._lock_fd)
 
     @contextlib.contextmanager
@@ -183,6 +190,7 @@ class ResultsLog:
         """Load every results file and sweep orphans and stale temps. Raises DiskError."""
         with self._locked():
             referenced = self._refresh(collect_names=True)
+            self._clear_intent()  # the sweep below covers a dead writer's renames
             self._sweep(referenced)
 
     def is_completed(self, key: tuple[str, str] | None) -> bool:
@@ -201,6 +209,7 @@ class ResultsLog:
         """
         with self._locked():
             self._refresh()
+            self._remove_unrecorded()
             self._moved, self._flushed = [], 0
             rotated_before = set(self._rotated)
             try:
@@ -222,6 +231,7 @@ class ResultsLog:
         if outcome.kind is Kind.COMPLETED:
             assert outcome.temp_path is not None
             final = self._free_name(outcome)
+            self._note_intent(final.name)
             os.rename(outcome.temp_path, final)
             outcome.temp_path, outcome.file_path = None, final
             self._moved.append(outcome)
@@ -280,12 +290,38 @@ class ResultsLog:
         fsync_dir(self.out.path)
         st = os.stat(self.path)
         self._seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self._clear_intent()  # every JPEG renamed so far is referenced now
+
+    def _note_intent(self, name: str) -> None:
+        """Record in the lock file a JPEG name about to appear, before it appears."""
+        line = (name + "\n").encode()
+        os.pwrite(self._lock_fd, line, self._intent)
+        self._intent += len(line)
+
+    def _clear_intent(self) -> None:
+        os.ftruncate(self._lock_fd, 0)
+        self._intent = 0
+
+    def _remove_unrecorded(self) -> None:
+        """Remove JPEGs that a writer renamed but died before recording."""
+        size = os.fstat(self._lock_fd).st_size
+        if not size:
+            return
+        for name in os.pread(self._lock_fd, size, 0).decode(errors="replace").split("\n"):
+            path = self.out.path / name
+            recorded = json.dumps(str(path)).encode() in self._body  # as as_record writes it
+            if name and not recorded and path.exists():
+                log.warning("removing orphan %s (its writer died before recording it)", name)
+                self.out.discard(path)
+        self._clear_intent()
 
     def _undo(self, moved: list[Outcome], rotated: set[str]) -> None:
         for outcome in moved:
             self.out.discard(outcome.file_path)
             self._completed.discard((outcome.request_id, outcome.image_id))
             outcome.file_path = None
+        with contextlib.suppress(OSError):
+            self._clear_intent()
         self._seen = None  # the lines in memory are not what is on disk: reload them
         with contextlib.suppress(OSError, DiskError):
             current = os.stat(self.path).st_ino
