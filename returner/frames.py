@@ -14,6 +14,7 @@ import contextlib
 import errno
 import mmap
 import os
+import stat
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -47,36 +48,60 @@ def with_frame(task: Task, use: Callable[[Frame], T]) -> T:
             mapping.close()
 
 
+# Errors that mean the name is not a usable segment (a directory, a symbolic link,
+# a device...): bad input, not a passing fault.
+_NOT_A_SEGMENT = {
+    errno.ELOOP,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ENXIO,
+    errno.ENODEV,
+    errno.EINVAL,
+    errno.ENAMETOOLONG,
+}
+
+
 def _map(task: Task) -> mmap.mmap:
+    name = task.shm_name
     try:
-        fd = _posixshmem.shm_open("/" + task.shm_name, os.O_RDONLY, 0)
+        # O_NONBLOCK: a FIFO planted under a segment's name must not block the thread.
+        fd = _posixshmem.shm_open("/" + name, os.O_RDONLY | os.O_NONBLOCK, 0)
     except FileNotFoundError:
-        raise BadFrame(f"shared memory segment {task.shm_name!r} does not exist") from None
+        raise BadFrame(f"shared memory segment {name!r} does not exist") from None
     except PermissionError:
         raise BadFrame(
-            f"no permission to open segment {task.shm_name!r}: run as the renderer's user"
+            f"no permission to open segment {name!r}: run as the renderer's user"
         ) from None
     except OSError as exc:
-        raise TransientError(f"opening segment {task.shm_name!r}: {exc}") from exc
+        raise _translate(name, exc) from None
     try:
-        actual = os.fstat(fd).st_size
-        if actual < task.size:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadFrame(f"{name!r} is not a shared memory segment")
+        if st.st_size < task.size:
             raise BadFrame(
-                f"segment {task.shm_name!r} holds {actual} bytes, the message claims {task.size}"
+                f"segment {name!r} holds {st.st_size} bytes, the message claims {task.size}"
             )
         return mmap.mmap(fd, task.size, prot=mmap.PROT_READ)
+    except OSError as exc:
+        raise _translate(name, exc) from None
     finally:
         os.close(fd)
 
 
+def _translate(name: str, exc: OSError) -> BadFrame | TransientError:
+    if exc.errno in _NOT_A_SEGMENT:
+        return BadFrame(f"{name!r} is not a usable shared memory segment ({exc.strerror})")
+    return TransientError(f"opening segment {name!r}: {exc}")
+
+
 def unlink(shm_name: str) -> bool:
-    """Remove a segment by name; False if it was already gone."""
+    """Remove a segment by name; False if it was gone or could not be removed.
+
+    Never raises: releasing memory must not stop an outcome from being settled.
+    """
     try:
         _posixshmem.shm_unlink("/" + shm_name)
-    except FileNotFoundError:
+    except OSError:
         return False
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            return False
-        raise
     return True

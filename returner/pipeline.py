@@ -16,7 +16,7 @@ from returner import frames
 from returner.encode import JpegOptions, encode
 from returner.errors import DiskError, PermanentError, TransientError
 from returner.output import OutputDir, ResultsLog
-from returner.task import Entry, Kind, Outcome, Rules, parse_task, read_ids
+from returner.task import Entry, Kind, Outcome, Rules, name_problem, parse_task, read_ids
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,6 @@ class Pipeline:
 
     def _safe(self, shm_name: str | None) -> str | None:
         """A segment name from an unvalidated message, if it may be unlinked."""
-        if shm_name and "/" not in shm_name and self.rules.shm_name_pattern.fullmatch(shm_name):
+        if shm_name and name_problem(shm_name, self.rules.shm_name_pattern) is None:
             return shm_name
         return None

@@ -113,15 +113,23 @@ def _describe(exc: BaseException) -> str:
     return f"message is not valid: {exc}"
 
 
-def _check_name(name: str, pattern: re.Pattern[str]) -> None:
+def name_problem(name: str, pattern: re.Pattern[str]) -> str | None:
+    """Why `name` may not be opened or unlinked as a segment, or None if it may."""
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError:
-        raise BadTask(f"shm_name {name[:80]!r} is not valid Unicode") from None
-    if not name or "/" in name or "\x00" in name or len(encoded) > NAME_MAX - 1:
-        raise BadTask(f"shm_name {name[:80]!r} is not a valid segment name")
+        return "is not valid Unicode"
+    if name in ("", ".", "..") or "/" in name or "\x00" in name or len(encoded) >= NAME_MAX:
+        return "is not a valid segment name"
     if not pattern.fullmatch(name):
-        raise BadTask(f"shm_name {name[:80]!r} does not match SHM_NAME_PATTERN")
+        return "does not match SHM_NAME_PATTERN"
+    return None
+
+
+def _check_name(name: str, pattern: re.Pattern[str]) -> None:
+    problem = name_problem(name, pattern)
+    if problem:
+        raise BadTask(f"shm_name {name[:80]!r} {problem}")
 
 
 def _check_shape(shape: list[int], max_pixels: int) -> tuple[int, int, int]:
