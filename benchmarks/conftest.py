@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import platform
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from functools import cache
@@ -45,6 +44,7 @@ import redis
 from returner import frames
 from returner.demo import push_frame, put_frame
 from returner.embedded import EmbeddedRedis
+from tests.conftest import wait_for
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_FILE = BENCH_DIR / "results.jsonl"
@@ -343,11 +343,4 @@ def segments() -> Iterator[Segments]:
 
 def wait_until(condition: Any, timeout_s: float, what: str, interval_s: float = 0.01) -> Any:
     """Poll `condition()` until truthy; AssertionError (a functional failure) on timeout."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(interval_s)
+    return wait_for(condition, timeout=timeout_s, interval=interval_s, what=what)

@@ -9,12 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import redis
@@ -62,14 +60,6 @@ def completion_times(output_dir: Path) -> list[float]:
 def rate(times: list[float]) -> float:
     """Frames per second between the first and the last completion (no start-up)."""
     return (len(times) - 1) / (times[-1] - times[0])
-
-
-def wait_until(condition: Any, timeout: float, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark condition not reached")
-        time.sleep(interval)
 
 
 @contextlib.contextmanager

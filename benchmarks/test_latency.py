@@ -20,6 +20,7 @@ import redis
 
 from benchmarks import harness
 from returner.demo import put_frame, task_message
+from tests.conftest import wait_for
 
 RATE = float(os.environ.get("BENCH_LATENCY_RATE", "0"))  # frames/s; 0: half the measured max
 DURATION_S = 5.0
@@ -63,7 +64,7 @@ def measure(client: redis.Redis, url: str, tmp: Path, frame: np.ndarray, rate: f
         with harness.service(url, queue, out):
             watcher = Watcher(out / "results.json")
             watcher.start()
-            harness.wait_until(lambda: (out / "results.json").exists(), timeout=30)
+            wait_for(lambda: (out / "results.json").exists(), timeout=30)
             start = time.monotonic()
             for i, name in enumerate(names):
                 delay = start + i / rate - time.monotonic()
@@ -72,7 +73,7 @@ def measure(client: redis.Redis, url: str, tmp: Path, frame: np.ndarray, rate: f
                 image_id = f"lat_{i}"
                 pushed[image_id] = time.time()
                 client.rpush(queue, task_message(name, frame.shape, "bench", image_id))
-            harness.wait_until(lambda: len(watcher.seen) == count, timeout=120)
+            wait_for(lambda: len(watcher.seen) == count, timeout=120)
             watcher.halt.set()
         latencies = np.array([watcher.seen[k] - t for k, t in pushed.items()]) * 1000
         return float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)), \
@@ -114,7 +115,7 @@ def max_rate(client: redis.Redis, url: str, tmp_path: Path, page_frame: np.ndarr
     out.mkdir()
     try:
         with harness.service(url, queue, out):
-            harness.wait_until(lambda: len(harness.completion_times(out)) == 400, 120)
+            wait_for(lambda: len(harness.completion_times(out)) == 400, timeout=120)
         return harness.rate(harness.completion_times(out))
     finally:
         harness.release(names)

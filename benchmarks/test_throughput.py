@@ -18,6 +18,7 @@ import redis
 import simplejpeg
 
 from benchmarks import harness
+from tests.conftest import wait_for
 
 SERVICE_FRAMES = 1200
 ORIGINAL_FRAMES = {0: 300, 20_000: 40}
@@ -39,7 +40,7 @@ def service_rate(client: redis.Redis, url: str, tmp: Path, frame, earlier: int) 
     names = harness.push_frames(client, queue, frame, SERVICE_FRAMES)
     try:
         with harness.service(url, queue, out):
-            harness.wait_until(
+            wait_for(
                 lambda: len(harness.completion_times(out)) == SERVICE_FRAMES, timeout=300)
         return harness.rate(harness.completion_times(out))
     finally:
