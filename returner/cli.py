@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -91,10 +92,11 @@ def stream_for(settings: Settings, url: str, consumer: str | None = None) -> Str
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
+    # The handler only sets the event: it runs between any two bytecodes of the main
+    # thread, even inside a log write, so it must not log or do any other I/O itself.
     def handler(signum: int, _frame: Any) -> None:
         if stop.is_set():  # a second signal: leave now; every entry is still safe in Redis
-            sys.exit(128 + signum)
-        log.info("received %s: finishing what is in hand", signal.Signals(signum).name)
+            os._exit(128 + signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, handler)

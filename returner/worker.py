@@ -111,6 +111,7 @@ class Worker:
         self._claim_due = 0.0
         self._claim_every = min(max(settings.claim_min_idle_ms / 4000, 1.0), 30.0)
         self._observe_due = 0.0
+        self._resync = False  # re-read own pending entries once Redis is back
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -123,6 +124,7 @@ class Worker:
             while not self.stop.is_set():
                 self.health.tick()
                 self.step(flights)
+            log.info("asked to stop: finishing the %d batches in hand", len(flights))
             while flights:  # finish and settle everything in hand
                 self.land(flights.popleft(), flights)
         except Stopping:
@@ -179,8 +181,22 @@ class Worker:
 
     def step(self, flights: deque[Flight]) -> None:
         """Keep two batches in flight: the next one encodes while the last one commits."""
+        if self._resync:
+            # Redis failed and came back: a read whose reply was lost left entries
+            # pending under this consumer that it never saw. Take them up now rather
+            # than after CLAIM_MIN_IDLE_MS.
+            while flights:
+                self.land(flights.popleft(), flights)
+            self._resync = False
+            self.recover_own()
+            return
         if len(flights) < 2:
             batch = self.next_batch(wait=not flights)
+            if any(entry.deliveries > 1 for entry in batch):
+                while flights:  # a suspect runs alone: nothing else is in hand if it crashes
+                    self.land(flights.popleft(), flights)
+                self.handle(batch)
+                return
             if batch:
                 self.health.holding(True)
                 flights.append(self.pipeline.submit(batch))
@@ -432,6 +448,7 @@ class Worker:
                     raise Stopping from None
                 continue
             if backoff.attempt:
+                self._resync = True
                 self.metrics.reconnects.inc()
                 log.info("redis answers again")
             self.health.tick(redis_ok=True)
