@@ -19,6 +19,7 @@ import redis
 
 from returner import frames
 from returner.demo import put_frame, task_message
+from tests.conftest import wait_for
 
 SHAPE = (1448, 1024, 3)
 
@@ -82,6 +83,23 @@ def service(url: str, queue: str, output_dir: Path, **settings: str) -> Iterator
             proc.kill()
             raise
         assert code == 0, log.read_text()[-3000:]
+
+
+def service_rate(client: redis.Redis, url: str, tmp: Path, frame: np.ndarray, count: int,
+                 earlier: int = 0) -> float:
+    """Push `count` frames, then run the service over them: its frames/s (no start-up)."""
+    queue = f"bench:{uuid.uuid4().hex[:8]}"
+    out = tmp / queue.replace(":", "_")
+    out.mkdir(parents=True)
+    history(out / "results.json", earlier)
+    names = push_frames(client, queue, frame, count)
+    try:
+        with service(url, queue, out):
+            wait_for(lambda: len(completion_times(out)) == count, timeout=300,
+                     what="every frame")
+        return rate(completion_times(out))
+    finally:
+        release(names)
 
 
 @contextlib.contextmanager

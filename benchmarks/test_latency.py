@@ -104,18 +104,5 @@ def test_latency(pages: str, benchmark, bench_redis, page_frame, tmp_path: Path,
 def latency_run(client: redis.Redis, url: str, tmp_path: Path, page_frame: np.ndarray
                 ) -> tuple[float, float, float, float]:
     """(rate, p50 ms, p99 ms, max ms) at RATE, or at half the maximum measured now."""
-    rate = RATE or max_rate(client, url, tmp_path, page_frame) / 2
+    rate = RATE or harness.service_rate(client, url, tmp_path, page_frame, 400) / 2
     return (rate, *measure(client, url, tmp_path, page_frame, rate))
-
-
-def max_rate(client: redis.Redis, url: str, tmp_path: Path, page_frame: np.ndarray) -> float:
-    queue = f"max:{uuid.uuid4().hex[:6]}"
-    names = harness.push_frames(client, queue, page_frame, 400)
-    out = tmp_path / "max"
-    out.mkdir()
-    try:
-        with harness.service(url, queue, out):
-            wait_for(lambda: len(harness.completion_times(out)) == 400, timeout=120)
-        return harness.rate(harness.completion_times(out))
-    finally:
-        harness.release(names)

@@ -18,7 +18,6 @@ import redis
 import simplejpeg
 
 from benchmarks import harness
-from tests.conftest import wait_for
 
 SERVICE_FRAMES = 1200
 ORIGINAL_FRAMES = {0: 300, 20_000: 40}
@@ -30,21 +29,6 @@ def ceiling(frame, count: int = 600) -> float:  # type: ignore[no-untyped-def]
         started = time.perf_counter()
         list(pool.map(lambda _: simplejpeg.encode_jpeg(frame, 80, "RGB", "420"), range(count)))
         return count / (time.perf_counter() - started)
-
-
-def service_rate(client: redis.Redis, url: str, tmp: Path, frame, earlier: int) -> float:  # type: ignore[no-untyped-def]
-    queue = f"bench:{uuid.uuid4().hex[:8]}"
-    out = tmp / queue.replace(":", "_")
-    out.mkdir(parents=True)
-    harness.history(out / "results.json", earlier)
-    names = harness.push_frames(client, queue, frame, SERVICE_FRAMES)
-    try:
-        with harness.service(url, queue, out):
-            wait_for(
-                lambda: len(harness.completion_times(out)) == SERVICE_FRAMES, timeout=300)
-        return harness.rate(harness.completion_times(out))
-    finally:
-        harness.release(names)
 
 
 def original_rate(client: redis.Redis, tmp: Path, frame, earlier: int) -> float:  # type: ignore[no-untyped-def]
@@ -72,8 +56,8 @@ def test_throughput(pages: str, benchmark, bench_redis, page_frame, tmp_path: Pa
     def run() -> None:
         figures["ceiling"] = ceiling(page_frame)
         for earlier in (0, 20_000):
-            figures[f"service {earlier}"] = service_rate(client, url, tmp_path, page_frame,
-                                                         earlier)
+            figures[f"service {earlier}"] = harness.service_rate(
+                client, url, tmp_path, page_frame, SERVICE_FRAMES, earlier)
             figures[f"original {earlier}"] = original_rate(client, tmp_path, page_frame, earlier)
 
     with harness.shm_pages(pages):
