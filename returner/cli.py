@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -21,10 +22,11 @@ from rich.table import Table
 from returner import __version__, demo, logs
 from returner.embedded import EmbeddedRedis
 from returner.errors import ReturnerError, SettingsError
-from returner.metrics import Health, Metrics, MetricsServer
+from returner.metrics import Checks, Health, Metrics, MetricsServer
 from returner.output import results_counts
 from returner.settings import Settings, load_settings
-from returner.stream import Stream, connect, translated
+from returner.stream import Replication, Server, Stream, translated
+from returner.supervisor import Supervisor, report_health
 from returner.worker import Worker
 
 log = logging.getLogger("returner")
@@ -84,18 +86,22 @@ def redis_url_for(settings: Settings, embedded_ok: bool) -> Iterator[str]:
 
 def stream_for(settings: Settings, url: str, consumer: str | None = None) -> Stream:
     return Stream(
-        connect(url),
+        Server(url, settings.redis_cluster),
         settings.hosting_tasks_queue,
         settings.consumer_group,
         consumer or settings.consumer_name,
+        Replication(settings.redis_wait_replicas, settings.redis_wait_timeout_ms),
     )
 
 
-def install_stop_handlers(stop: threading.Event) -> None:
+def install_stop_handlers(
+    stop: threading.Event, on_second: Callable[[], None] = lambda: None
+) -> None:
     # The handler only sets the event: it runs between any two bytecodes of the main
     # thread, even inside a log write, so it must not log or do any other I/O itself.
     def handler(signum: int, _frame: Any) -> None:
         if stop.is_set():  # a second signal: leave now; every entry is still safe in Redis
+            on_second()
             os._exit(128 + signum)
         stop.set()
 
@@ -124,6 +130,10 @@ def run(
     metrics_port: Annotated[int | None, typer.Option(help="METRICS_PORT (0 disables).")] = None,
     encoder_threads: Annotated[int | None, typer.Option(help="ENCODER_THREADS.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="BATCH_SIZE.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="WORKERS: worker processes, named CONSUMER_NAME-<i> when > 1."),
+    ] = None,
     log_level: LogLevel = None,
     log_format: LogFormat = None,
     demo_count: Annotated[
@@ -132,42 +142,78 @@ def run(
             "--demo", help="Also act as a renderer: push this many sample frames at start."
         ),
     ] = 0,
+    health_file: Annotated[Path | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then finish what is in hand and exit 0.
 
     Example: REDIS_URL=redis://localhost:6379/0 returner run --output-dir /srv/frames
     """
-    options = {k: v for k, v in locals().items() if k != "demo_count"}
+    options = {k: v for k, v in locals().items() if k not in ("demo_count", "health_file")}
     options.update(
         hosting_tasks_queue=options.pop("queue"),
         consumer_group=options.pop("group"),
         consumer_name=options.pop("consumer"),
     )
     settings = settings_from(**options)
+    try:
+        if settings.workers > 1 and health_file is None:
+            supervise(settings, demo_count)
+        else:
+            serve(settings, demo_count, health_file)
+    except ReturnerError as exc:
+        raise fail(str(exc), 1) from None
+
+
+def serve(settings: Settings, demo_count: int, health_file: Path | None) -> None:
+    """One worker in this process. `health_file`: a worker under a supervisor."""
     stop = threading.Event()
     install_stop_handlers(stop)
     health = Health(stuck_after_s=settings.stuck_after_ms / 1000)
     metrics = Metrics()
-    server = start_metrics(settings, metrics, health)
+    if health_file is not None:
+        logs.setup(settings.log_level, settings.log_format, worker=settings.consumer_name)
+        report_health(health, health_file, stop)
+    server = start_metrics(settings, metrics.registry, health)
     try:
         with redis_url_for(settings, embedded_ok=True) as url:
             worker = Worker(settings, stream_for(settings, url), metrics, stop, health)
             if demo_count:
-                start_demo(url, settings.hosting_tasks_queue, demo_count)
+                start_demo(url, settings, demo_count)
             worker.run()
             log.info("stopped: %s", worker.tally)
-    except ReturnerError as exc:
-        raise fail(str(exc), 1) from None
     finally:
         if server:
             server.stop()
 
 
-def start_metrics(settings: Settings, metrics: Metrics, health: Health) -> MetricsServer | None:
+def supervise(settings: Settings, demo_count: int) -> None:
+    """WORKERS worker processes, restarted when they die; SIGTERM drains them all."""
+    stop = threading.Event()
+    with redis_url_for(settings, embedded_ok=True) as url:
+        supervisor = Supervisor(settings, url, stop)
+        install_stop_handlers(stop, on_second=supervisor.hurry)
+        server = start_metrics(settings, supervisor.registry, supervisor.health)
+        try:
+            if demo_count:
+                start_demo(url, settings, demo_count)
+            supervisor.run()
+            log.info(
+                "stopped: %d workers, %d restarts",
+                settings.workers,
+                sum(c.restarts for c in supervisor.children),
+            )
+        finally:
+            if server:
+                server.stop()
+
+
+def start_metrics(
+    settings: Settings, registry: CollectorRegistry, health: Checks
+) -> MetricsServer | None:
     if not settings.metrics_port:
         return None
     try:
-        server = MetricsServer(metrics, health, settings.metrics_host, settings.metrics_port)
+        server = MetricsServer(registry, health, settings.metrics_host, settings.metrics_port)
     except OSError as exc:
         raise fail(
             f"bad setting METRICS_PORT: cannot listen on {settings.metrics_host}:"
@@ -179,9 +225,10 @@ def start_metrics(settings: Settings, metrics: Metrics, health: Health) -> Metri
     return server
 
 
-def start_demo(url: str, queue: str, count: int) -> None:
+def start_demo(url: str, settings: Settings, count: int) -> None:
     def push() -> None:
-        names = demo.push_demo(connect(url), queue, count)
+        client = Server(url, settings.redis_cluster).general()
+        names = demo.push_demo(client, settings.hosting_tasks_queue, count)
         log.info("demo: pushed %d sample frames", len(names))
 
     threading.Thread(target=push, name="demo", daemon=True).start()
@@ -344,7 +391,7 @@ def status(
     )
     with redis_url_for(settings, embedded_ok=False) as url:
         try:
-            report = stream_for(settings, url).status()
+            report = stream_for(settings, url).status(settings.consumer_timeout_ms)
         except ReturnerError as exc:
             raise fail(str(exc), 1) from None
     report["results"] = count_results(settings.output_dir)
@@ -362,7 +409,7 @@ def show_status(report: dict[str, Any]) -> None:
         f"stream: {report['stream_length']} entries, {report['pending']} pending"
         + (f", oldest {oldest:.1f}s" if oldest is not None else "")
     )
-    table = Table("consumer", "pending", "oldest pending", "idle", box=None)
+    table = Table("consumer", "pending", "oldest pending", "idle", "", box=None)
     for c in report["consumers"]:
         age = c["oldest_pending_ms"]
         table.add_row(
@@ -370,6 +417,9 @@ def show_status(report: dict[str, Any]) -> None:
             str(c["pending"]),
             "-" if age is None else f"{age / 1000:.1f}s",
             f"{c['idle_ms'] / 1000:.1f}s",
+            ("gone: entries to be taken over" if c["pending"] else "gone: to be removed")
+            if c["gone"]
+            else "",
         )
     console.print(table)
     console.print(f"dead letters: {report['dead_letters']}")
@@ -397,7 +447,8 @@ def demo_cmd(
     with redis_url_for(settings, embedded_ok=False) as url:
         try:
             with translated("pushing demo tasks"):
-                names = demo.push_demo(connect(url), settings.hosting_tasks_queue, count)
+                client = Server(url, settings.redis_cluster).general()
+                names = demo.push_demo(client, settings.hosting_tasks_queue, count)
         except ReturnerError as exc:
             raise fail(str(exc), 1) from None
     typer.echo(f"pushed {len(names)} frames onto {settings.hosting_tasks_queue}")

@@ -59,7 +59,7 @@ def put_frame(frame: npt.NDArray[np.uint8]) -> str:
 
 
 def push_frame(
-    client: redis.Redis,
+    client: redis.Redis | redis.RedisCluster,
     queue: str,
     frame: npt.NDArray[np.uint8],
     request_id: str,
@@ -95,7 +95,7 @@ def sample_frame(
     return np.ascontiguousarray(rgb8)
 
 
-def push_demo(client: redis.Redis, queue: str, count: int) -> list[str]:
+def push_demo(client: redis.Redis | redis.RedisCluster, queue: str, count: int) -> list[str]:
     """Push `count` sample frames, cycling through every channel order."""
     names = []
     for i in range(count):

@@ -64,6 +64,27 @@ class Settings(BaseSettings):
     # their encoding starts, the way a poison frame that crashes libjpeg would.
     crash_on_image_ids: str = Field(default="", alias="RETURNER_CRASH_ON_IMAGE_IDS")
     batch_size: int = Field(default=32, ge=1, le=1000, alias="BATCH_SIZE")
+    workers: int = Field(default=1, ge=1, le=256, alias="WORKERS")
+    # None: ask the server (`INFO cluster`) at start.
+    redis_cluster: bool | None = Field(default=None, alias="REDIS_CLUSTER")
+    redis_wait_replicas: int = Field(default=0, ge=0, le=16, alias="REDIS_WAIT_REPLICAS")
+    redis_wait_timeout_ms: int = Field(default=1_000, ge=1, alias="REDIS_WAIT_TIMEOUT_MS")
+
+    @field_validator("hosting_tasks_queue")
+    @classmethod
+    def _expand_hostname(cls, value: str) -> str:
+        value = value.replace("{hostname}", default_consumer_name())
+        if "{" in value or "}" in value:
+            # `{L}:stream` must hash like L itself; a brace in L would move the
+            # derived keys to another cluster slot.
+            raise ValueError("may not contain { or } other than {hostname}")
+        return value
+
+    @field_validator("redis_cluster", mode="before")
+    @classmethod
+    def _auto_is_unset(cls, value: Any) -> Any:
+        blank = isinstance(value, str) and value.strip().lower() in ("", "auto")
+        return None if blank else value
 
     @field_validator("shm_name_pattern")
     @classmethod

@@ -4,12 +4,13 @@ claims, acks and dead letters. Redis errors become RedisUnavailable here."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
 from returner.errors import RedisUnavailable
@@ -31,15 +32,17 @@ class Keys:
         return cls(queue=queue, stream=f"{{{queue}}}:stream", dead=f"{{{queue}}}:dead")
 
 
+_CLIENT_OPTIONS: dict[str, Any] = {
+    "socket_timeout": SOCKET_TIMEOUT_S,
+    "socket_connect_timeout": 5.0,
+    "socket_keepalive": True,
+    "health_check_interval": 30,
+}
+
+
 def connect(url: str) -> redis.Redis:
     """A client for `url`; bytes in and out, so task payloads stay byte-exact."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=5.0,
-        socket_keepalive=True,
-        health_check_interval=30,
-    )
+    return redis.Redis.from_url(url, **_CLIENT_OPTIONS)
 
 
 @contextlib.contextmanager
@@ -53,9 +56,94 @@ def translated(action: str) -> Iterator[None]:
         raise RedisUnavailable(f"{action}: {exc}") from None
 
 
-def _script(client: redis.Redis, name: str) -> Script:
-    source = resources.files("returner").joinpath("lua", f"{name}.lua").read_text()
-    return client.register_script(source)
+class Server:
+    """The Redis that holds a queue's keys: one server, or in a Redis Cluster the master
+    that owns the slot of `{L}`.
+
+    Every key of a queue hashes to one slot, so in a cluster all commands, scripts,
+    pipelines and WAITs go to that master over a plain client, on one connection. After
+    an error (a failover, a moved slot, a master turned replica) the owner is looked up
+    again on the next command. `cluster` None asks the server (`INFO cluster`) on first use.
+    """
+
+    def __init__(self, url: str, cluster: bool | None = None) -> None:
+        self.url = url
+        self.cluster = cluster
+        self._plain: redis.Redis | None = None
+        self._cluster: RedisCluster | None = None
+        self._owner: redis.Redis | None = None
+        self._stale = False
+
+    @classmethod
+    def of(cls, client: redis.Redis) -> Server:
+        """A single server reached through an existing client."""
+        server = cls("", cluster=False)
+        server._plain = client
+        return server
+
+    def client_for(self, key: str) -> redis.Redis:
+        """A plain client of the server that holds `key`. Raises redis errors."""
+        if self._owner is None:
+            client = self.general()
+            if isinstance(client, RedisCluster):
+                if self._stale:
+                    client.nodes_manager.initialize()
+                    self._stale = False
+                node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+                self._owner = client.get_redis_connection(node)
+            else:
+                self._owner = client
+        return self._owner
+
+    def general(self) -> redis.Redis | RedisCluster:
+        """A client for any key (a cluster client in a cluster), e.g. to push tasks."""
+        if self._plain is None:
+            self._plain = connect(self.url)
+        if self.cluster is None:
+            self.cluster = _cluster_enabled(self._plain)
+        if not self.cluster:
+            return self._plain
+        if self._cluster is None:
+            self._cluster = RedisCluster.from_url(self.url, **_CLIENT_OPTIONS)
+        return self._cluster
+
+    def lost(self) -> None:
+        """A command failed: in a cluster, look the slot's owner up again before the next."""
+        if self.cluster:
+            self._owner, self._stale = None, True
+
+
+def _cluster_enabled(client: redis.Redis) -> bool:
+    try:
+        info = client.info("cluster")
+    except redis.ResponseError:  # INFO refused (an ACL): not something a cluster allows
+        return False
+    return bool(info.get("cluster_enabled"))
+
+
+@dataclass(frozen=True)
+class Replication:
+    """WAIT for `replicas` replicas (up to `timeout_ms`) after each fetch, ack and dead
+    letter; 0 replicas: do not wait."""
+
+    replicas: int = 0
+    timeout_ms: int = 1000
+
+
+def _script(name: str) -> Script:
+    source = resources.files("returner").joinpath("lua", f"{name}.lua").read_bytes()
+    return Script(None, source)  # type: ignore[arg-type]  # always run with a client
+
+
+_FETCH = _script("fetch")
+_PENDING = _script("pending")
+_CLAIM = _script("claim")
+_ACK = _script("ack")
+_DEAD_LETTER = _script("dead_letter")
+_REVIVE = _script("revive")
+_RESCUE = _script("rescue")
+_TOUCH = _script("touch")
+_FORGET = _script("forget")
 
 
 def _text(value: Any) -> str:
@@ -91,52 +179,86 @@ class Observation:
 class Stream:
     """The group's view of `{L}:stream` for one consumer."""
 
-    def __init__(self, client: redis.Redis, queue: str, group: str, consumer: str) -> None:
-        self.client = client
+    def __init__(
+        self,
+        server: Server | redis.Redis,
+        queue: str,
+        group: str,
+        consumer: str,
+        replication: Replication = Replication(),
+    ) -> None:
+        self.server = server if isinstance(server, Server) else Server.of(server)
         self.keys = Keys.for_queue(queue)
         self.group = group
         self.consumer = consumer
-        self._fetch = _script(client, "fetch")
-        self._pending = _script(client, "pending")
-        self._claim = _script(client, "claim")
-        self._ack = _script(client, "ack")
-        self._dead = _script(client, "dead_letter")
-        self._revive = _script(client, "revive")
-        self._rescue = _script(client, "rescue")
-        self._touch = _script(client, "touch")
-        self._forget = _script(client, "forget")
+        self.replication = replication
+        # Called with (replicas asked for, replicas that confirmed) when a WAIT falls short.
+        self.on_short_wait: Callable[[int, int], None] = lambda _want, _got: None
+
+    @property
+    def client(self) -> redis.Redis:
+        """A plain client of the server holding this queue's keys."""
+        return self.server.client_for(self.keys.queue)
+
+    @contextlib.contextmanager
+    def _talking(self, action: str) -> Iterator[None]:
+        """Translate errors, and have the cluster route looked up again after one."""
+        try:
+            with translated(action):
+                yield
+        except RedisUnavailable:
+            self.server.lost()
+            raise
 
     def ensure_group(self) -> None:
         """Create the stream and the consumer group if missing. Raises RedisUnavailable."""
-        with translated("creating consumer group"):
+        with self._talking("creating consumer group"):
             try:
                 self.client.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    def _run(self, action: str, script: Script, keys: list[str], args: list[Any]) -> Any:
-        """Run a script; None if the stream or group was deleted (it is recreated)."""
-        with translated(action):
+    def _run(
+        self, action: str, script: Script, keys: list[str], args: list[Any], wait: bool = False
+    ) -> Any:
+        """Run a script, then WAIT for replicas if asked to; None if the stream or group
+        was deleted (it is recreated)."""
+        with self._talking(action):
             try:
-                return script(keys=keys, args=args)
+                if not (wait and self.replication.replicas):
+                    return script(keys=keys, args=args, client=self.client)
+                return self._replicated(script, keys, args)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
         self.ensure_group()
         return None
 
+    def _replicated(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        # WAIT counts the writes of its own connection, so the script and the WAIT go
+        # down one pipeline.
+        want, timeout = self.replication.replicas, self.replication.timeout_ms
+        pipe = self.client.pipeline(transaction=False)
+        script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", want, timeout)  # type: ignore[no-untyped-call]
+        reply, got = pipe.execute()
+        if int(got) < want:
+            self.on_short_wait(want, int(got))
+        return reply
+
     def ping(self) -> None:
-        with translated("ping"):
+        with self._talking("ping"):
             self.client.ping()
 
     def fetch(self, count: int) -> list[Entry]:
         """Mirror up to `count` list elements and read up to `count` new entries."""
         raw = self._run(
             "reading new entries",
-            self._fetch,
+            _FETCH,
             [self.keys.queue, self.keys.stream],
             [self.group, self.consumer, count],
+            wait=True,
         )
         return [_entry(e, deliveries=1) for e in raw or []]
 
@@ -145,7 +267,7 @@ class Stream:
 
         BLMOVE from the list's tail back onto its tail leaves the list unchanged.
         """
-        with translated("waiting for tasks"):
+        with self._talking("waiting for tasks"):
             self.client.execute_command(  # type: ignore[no-untyped-call]
                 "BLMOVE", self.keys.queue, self.keys.queue, "RIGHT", "RIGHT", timeout_s
             )
@@ -154,7 +276,7 @@ class Stream:
         """This consumer's pending entries after `after`: (entries, last ID, deleted)."""
         got = self._run(
             "reading own pending entries",
-            self._pending,
+            _PENDING,
             [self.keys.stream],
             [self.group, self.consumer, after, count],
         )
@@ -165,7 +287,7 @@ class Stream:
         """XAUTOCLAIM entries idle for `min_idle_ms`: (entries, next start, deleted)."""
         got = self._run(
             "claiming idle entries",
-            self._claim,
+            _CLAIM,
             [self.keys.stream],
             [self.group, self.consumer, min_idle_ms, start, count],
         )
@@ -174,7 +296,7 @@ class Stream:
 
     def observe(self) -> Observation:
         """Queue, pending and dead-letter figures plus every consumer, in one round trip."""
-        with translated("observing the queue"):
+        with self._talking("observing the queue"):
             pipe = self.client.pipeline(transaction=False)
             pipe.llen(self.keys.queue)
             pipe.xlen(self.keys.dead)
@@ -182,9 +304,9 @@ class Stream:
             pipe.xpending(self.keys.stream, self.group)
             pipe.xinfo_consumers(self.keys.stream, self.group)
             queued, dead, now, summary, infos = pipe.execute(raise_on_error=False)
-        for reply in (queued, dead, now):
-            if isinstance(reply, Exception):
-                raise RedisUnavailable(f"observing the queue: {reply}")
+            for reply in (queued, dead, now):
+                if isinstance(reply, Exception):
+                    raise reply
         if isinstance(summary, Exception) or isinstance(infos, Exception):
             summary, infos = {"pending": 0, "min": None}, []  # no stream or group yet
         oldest = None
@@ -198,7 +320,7 @@ class Stream:
         """Claim a silent consumer's entries idle for `min_idle_ms`: (entries, deleted)."""
         got = self._run(
             "claiming a silent consumer's entries",
-            self._rescue,
+            _RESCUE,
             [self.keys.stream],
             [self.group, self.consumer, silent, min_idle_ms, count],
         )
@@ -207,7 +329,7 @@ class Stream:
 
     def pending_idle(self, min_idle_ms: int, count: int) -> list[dict[str, Any]]:
         """Pending entries idle for `min_idle_ms`, without claiming them."""
-        with translated("listing pending entries"):
+        with self._talking("listing pending entries"):
             try:
                 rows = self.client.xpending_range(
                     self.keys.stream, self.group, "-", "+", count, idle=min_idle_ms
@@ -227,17 +349,13 @@ class Stream:
     def forget(self, consumer: str) -> bool:
         """Remove `consumer` from the group if it holds no pending entries."""
         return bool(
-            self._run(
-                "removing a consumer", self._forget, [self.keys.stream], [self.group, consumer]
-            )
+            self._run("removing a consumer", _FORGET, [self.keys.stream], [self.group, consumer])
         )
 
     def ack(self, ids: Sequence[str]) -> None:
         """Acknowledge and delete entries whose outcome is durable."""
-        if not ids:
-            return
-        with translated("acknowledging"):
-            self._ack(keys=[self.keys.stream], args=[self.group, *ids])
+        if ids:
+            self._run("acknowledging", _ACK, [self.keys.stream], [self.group, *ids], wait=True)
 
     def dead_letter(self, entry: Entry, error: str, extra: dict[str, str]) -> None:
         """Move one delivery to `{L}:dead` with its original bytes and the reason."""
@@ -255,17 +373,20 @@ class Stream:
         ]
         for key, value in extra.items():
             fields += [key, value]
-        with translated("dead-lettering"):
-            self._dead(
-                keys=[self.keys.stream, self.keys.dead], args=[self.group, entry.id, *fields]
-            )
+        self._run(
+            "dead-lettering",
+            _DEAD_LETTER,
+            [self.keys.stream, self.keys.dead],
+            [self.group, entry.id, *fields],
+            wait=True,
+        )
 
     def touch(self, ids: Sequence[str]) -> None:
         """Reset the idle time of entries still in hand, so no one claims them."""
         if ids:
             self._run(
                 "refreshing held entries",
-                self._touch,
+                _TOUCH,
                 [self.keys.stream],
                 [self.group, self.consumer, *ids],
             )
@@ -273,23 +394,28 @@ class Stream:
     def dead_letters(self, count: int, after: str = "-") -> list[tuple[str, dict[bytes, bytes]]]:
         """Up to `count` dead letters after `after` (exclusive unless "-")."""
         start = after if after == "-" else "(" + after
-        with translated("reading dead letters"):
+        with self._talking("reading dead letters"):
             rows: list[Any] = self.client.xrange(self.keys.dead, start, "+", count=count) or []
         return [(_text(i), dict(f or {})) for i, f in rows]
 
     def revive(self, dead_id: str) -> str | None:
         """Move one dead letter back into the stream; its new entry ID, or None if gone."""
-        with translated("replaying a dead letter"):
-            new = self._revive(keys=[self.keys.stream, self.keys.dead], args=[dead_id])
+        with self._talking("replaying a dead letter"):
+            new = _REVIVE(
+                keys=[self.keys.stream, self.keys.dead], args=[dead_id], client=self.client
+            )
         return _text(new) if new else None
 
-    def status(self, errors: int = 5) -> dict[str, Any]:
-        """Lengths, pending per consumer with its oldest entry's idle time, last errors."""
+    def status(self, gone_after_ms: int, errors: int = 5) -> dict[str, Any]:
+        """Lengths, pending per consumer with its oldest entry's idle time, last errors.
+
+        Consumers silent for `gone_after_ms` are marked gone.
+        """
         seen = self.observe()
-        with translated("reading status"):
+        with self._talking("reading status"):
             streamed = self.client.xlen(self.keys.stream)
             last: list[Any] = self.client.xrevrange(self.keys.dead, "+", "-", count=errors) or []
-            consumers = [self._consumer_report(c) for c in seen.consumers]
+            consumers = [self._consumer_report(c, gone_after_ms) for c in seen.consumers]
         return {
             "queue": self.keys.queue,
             "list_length": seen.queue_length,
@@ -301,7 +427,7 @@ class Stream:
             "last_errors": [_dead_report(i, f) for i, f in last],
         }
 
-    def _consumer_report(self, consumer: Consumer) -> dict[str, Any]:
+    def _consumer_report(self, consumer: Consumer, gone_after_ms: int) -> dict[str, Any]:
         oldest = None
         if consumer.pending:
             held = self.client.xpending_range(
@@ -313,6 +439,7 @@ class Stream:
             "pending": consumer.pending,
             "idle_ms": consumer.idle_ms,
             "oldest_pending_ms": oldest,
+            "gone": consumer.idle_ms >= gone_after_ms,
         }
 
 

@@ -277,11 +277,11 @@ def test_status_reports_lengths_pending_and_dead_letters(r: redis.Redis, queue: 
     quitter.dead_letter(bad, "bad", {})
 
     def oldest_busy_ms() -> int:
-        by_name = {c["name"]: c for c in busy.status()["consumers"]}
+        by_name = {c["name"]: c for c in busy.status(10_000)["consumers"]}
         return int(by_name["busy"]["oldest_pending_ms"] or 0)
 
     wait_for(lambda: oldest_busy_ms() >= 150, 10, what="oldest pending entry 150 ms old")
-    status = busy.status()
+    status = busy.status(10_000)
 
     assert status["list_length"] == 2
     assert status["stream_length"] == 2
@@ -297,7 +297,7 @@ def test_status_reports_lengths_pending_and_dead_letters(r: redis.Redis, queue: 
 def test_status_before_any_group_exists(r: redis.Redis, queue: str) -> None:
     r.rpush(queue, b"waiting")
 
-    status = Stream(r, queue, GROUP, "c1").status()
+    status = Stream(r, queue, GROUP, "c1").status(10_000)
 
     assert status["list_length"] == 1
     assert status["stream_length"] == 0
