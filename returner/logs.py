@@ -24,12 +24,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-def setup(level: str, fmt: str) -> None:
+def setup(level: str, fmt: str, worker: str | None = None) -> None:
+    """Log to stderr; `worker` tags every record (a worker process under --workers)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        tag = f" [{worker}]" if worker else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)-7s{tag} %(name)s: %(message)s")
+        )
+    if worker:
+
+        def tag_record(record: logging.LogRecord) -> bool:
+            record.worker = worker
+            return True
+
+        handler.addFilter(tag_record)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

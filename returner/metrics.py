@@ -7,6 +7,7 @@ import platform
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -25,8 +26,17 @@ _DELIVERY_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 20)
 LIVE_WITHIN_S = 30.0  # /healthz fails when the loop has not ticked for this long
 
 
+# Queue-wide gauges: every worker observes the same queue, so with several worker
+# processes the latest observation is the value (prometheus-client multiprocess mode).
+_QUEUE_WIDE: Final = "mostrecent"
+
+
 class Metrics:
-    """The service's metrics, in a registry of their own (nothing global at import)."""
+    """The worker's metrics, in a registry of their own (nothing global at import).
+
+    Under `run --workers N` each worker process writes them to PROMETHEUS_MULTIPROC_DIR
+    and the supervisor serves their sum (see supervisor.py).
+    """
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -59,23 +69,34 @@ class Metrics:
         self.reconnects = Counter(
             "returner_redis_reconnects", "Times Redis answered again after failing.", registry=r
         )
+        self.short_waits = Counter(
+            "returner_redis_short_waits",
+            "WAITs (REDIS_WAIT_REPLICAS) that timed out before enough replicas confirmed.",
+            registry=r,
+        )
         self.queue_length = Gauge(
-            "returner_queue_length", "Elements waiting in the list.", registry=r
+            "returner_queue_length",
+            "Elements waiting in the list.",
+            registry=r,
+            multiprocess_mode=_QUEUE_WIDE,
         )
         self.pending = Gauge(
-            "returner_pending", "Entries delivered but not yet acknowledged.", registry=r
+            "returner_pending",
+            "Entries delivered but not yet acknowledged.",
+            registry=r,
+            multiprocess_mode=_QUEUE_WIDE,
         )
         self.oldest_pending = Gauge(
             "returner_oldest_pending_seconds",
             "Age of the oldest pending entry (since it entered the stream).",
             registry=r,
+            multiprocess_mode=_QUEUE_WIDE,
         )
         self.dead_letters = Gauge(
-            "returner_dead_letters", "Entries in the dead-letter stream.", registry=r
-        )
-        self.ready = Gauge("returner_ready", "1 while /readyz would answer 200.", registry=r)
-        Info("returner_build", "Version information.", registry=r).info(
-            {"version": __version__, "python": platform.python_version()}
+            "returner_dead_letters",
+            "Entries in the dead-letter stream.",
+            registry=r,
+            multiprocess_mode=_QUEUE_WIDE,
         )
         for outcome in OUTCOMES:
             self.tasks.labels(outcome=outcome.value)
@@ -137,11 +158,27 @@ class Health:
         return True, "ok"
 
 
-class MetricsServer:
-    """A small HTTP server in a daemon thread: /metrics, /healthz and /readyz."""
+class Checks(Protocol):
+    """Liveness and readiness, each with a reason."""
 
-    def __init__(self, metrics: Metrics, health: Health, host: str, port: int) -> None:
-        self.httpd = ThreadingHTTPServer((host, port), _handler(metrics, health))
+    def live(self) -> tuple[bool, str]: ...
+
+    def ready(self) -> tuple[bool, str]: ...
+
+
+class MetricsServer:
+    """A small HTTP server in a daemon thread: /metrics, /healthz and /readyz.
+
+    `registry` gets `returner_ready` and `returner_build` added: they describe the
+    process that serves them.
+    """
+
+    def __init__(self, registry: CollectorRegistry, health: Checks, host: str, port: int) -> None:
+        ready = Gauge("returner_ready", "1 while /readyz would answer 200.", registry=registry)
+        Info("returner_build", "Version information.", registry=registry).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+        self.httpd = ThreadingHTTPServer((host, port), _handler(registry, ready, health))
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, name="metrics", daemon=True
@@ -160,13 +197,15 @@ class MetricsServer:
         self.httpd.server_close()
 
 
-def _handler(metrics: Metrics, health: Health) -> type[BaseHTTPRequestHandler]:
+def _handler(
+    registry: CollectorRegistry, ready: Gauge, health: Checks
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                metrics.ready.set(1 if health.ready()[0] else 0)
-                self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+                ready.set(1 if health.ready()[0] else 0)
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path in ("/healthz", "/readyz"):
                 ok, why = health.live() if path == "/healthz" else health.ready()
                 self._send(200 if ok else 503, (why + "\n").encode(), "text/plain")

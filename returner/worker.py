@@ -107,6 +107,7 @@ class Worker:
             crash_on,
         )
         self.tally = Tally()
+        stream.on_short_wait = self._short_wait
         self._claim_cursor = "0-0"
         self._claim_due = 0.0
         self._claim_every = min(max(settings.claim_min_idle_ms / 4000, 1.0), 30.0)
@@ -246,7 +247,17 @@ class Worker:
         self.metrics.dead_letters.set(seen.dead_letters)
         timeout = self.settings.consumer_timeout_ms
         for c in seen.consumers:
-            if c.name == self.stream.consumer or not c.pending or c.idle_ms < timeout:
+            if c.name == self.stream.consumer or c.idle_ms < timeout:
+                continue
+            if not c.pending:
+                # Gone and holding nothing: leave no trace in the group. The script
+                # checks again, since deleting a consumer discards its pending entries.
+                if self.call_redis(partial(self.stream.forget, c.name)):
+                    log.info(
+                        "consumer %s silent for %.0fs and holding nothing: removed",
+                        c.name,
+                        c.idle_ms / 1000,
+                    )
                 continue
             entries, gone = self.call_redis(
                 partial(self.stream.rescue, c.name, timeout, SUSPECTS_AT_ONCE)
@@ -427,6 +438,15 @@ class Worker:
         finally:
             self.health.paused = False
         return True
+
+    def _short_wait(self, wanted: int, got: int) -> None:
+        self.metrics.short_waits.inc()
+        log.warning(
+            "WAIT: %d of %d replicas confirmed within %d ms",
+            got,
+            wanted,
+            self.settings.redis_wait_timeout_ms,
+        )
 
     # -- redis with retries -------------------------------------------------------------
 

@@ -51,7 +51,7 @@ def serve(redis_url: str) -> Iterator[Callable[[Settings], Served]]:
         metrics, stop = Metrics(), threading.Event()
         health = Health(stuck_after_s=settings.stuck_after_ms / 1000)
         worker = Worker(settings, stream, metrics, stop, health)
-        server = MetricsServer(metrics, health, "127.0.0.1", 0)
+        server = MetricsServer(metrics.registry, health, "127.0.0.1", 0)
         server.start()
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()
