@@ -12,6 +12,7 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
+from redis.exceptions import RedisClusterException
 
 from returner.errors import RedisUnavailable
 from returner.task import Entry
@@ -50,9 +51,8 @@ def translated(action: str) -> Iterator[None]:
     """Turn redis-py's exceptions into RedisUnavailable at the boundary."""
     try:
         yield
-    except redis.RedisError as exc:
-        raise RedisUnavailable(f"{action}: {exc}") from None
-    except OSError as exc:
+    except (redis.RedisError, RedisClusterException, OSError) as exc:
+        # RedisClusterException: no reachable node, or a slot no node serves.
         raise RedisUnavailable(f"{action}: {exc}") from None
 
 
