@@ -86,7 +86,7 @@ def service(url: str, queue: str, output_dir: Path, **settings: str) -> Iterator
 
 
 def service_rate(client: redis.Redis, url: str, tmp: Path, frame: np.ndarray, count: int,
-                 earlier: int = 0) -> float:
+                 earlier: int = 0, **settings: str) -> float:
     """Push `count` frames, then run the service over them: its frames/s (no start-up)."""
     queue = f"bench:{uuid.uuid4().hex[:8]}"
     out = tmp / queue.replace(":", "_")
@@ -94,7 +94,7 @@ def service_rate(client: redis.Redis, url: str, tmp: Path, frame: np.ndarray, co
     history(out / "results.json", earlier)
     names = push_frames(client, queue, frame, count)
     try:
-        with service(url, queue, out):
+        with service(url, queue, out, **settings):
             wait_for(lambda: len(completion_times(out)) == count, timeout=300,
                      what="every frame")
         return rate(completion_times(out))

@@ -21,6 +21,7 @@ calls (queue observation every 2 s, a claim pass every 15 s).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from benchmarks.conftest import Frame, RedisServer, Segments, private_redis, report, wait_until
@@ -165,9 +167,13 @@ def test_redis_commands_per_task(benchmark: Any, tmp_path: Path, page_frame: Fra
     with private_redis(tmp_path / "redis") as server, log_path.open("wb") as log:
         kwargs = server.client.connection_pool.connection_kwargs
         started = time.perf_counter()
+        cpu_start = _redis_cpu(server.client)
         for i in range(count):
             segments.push(server.client, queue, page_frame, "bench_commands", f"cmd_{i:05d}")
         report("redis_commands.push_time", time.perf_counter() - started, "s", frames=count)
+        got["cpu_pushed"] = _redis_cpu(server.client)
+        report("redis_commands.redis_cpu_per_push", (got["cpu_pushed"] - cpu_start) / count * 1e6,
+               "us/task", note="Redis CPU (user+sys) per RPUSH of the producer")
         marker = f"bench-marker-{uuid.uuid4().hex}"
         monitor = Monitor(kwargs.get("host", "127.0.0.1"), int(kwargs["port"]), marker)
         monitor.start()
@@ -181,6 +187,7 @@ def test_redis_commands_per_task(benchmark: Any, tmp_path: Path, page_frame: Fra
                 wait_until(lambda: monitor.acked >= count or proc.poll() is not None
                            or monitor.error, 600, "every task to be acknowledged", 0.005)
                 got["stats"] = _commandstats(server.client)  # first: nothing else counted
+                got["cpu_served"] = _redis_cpu(server.client)
 
             benchmark.pedantic(run, rounds=1, iterations=1)
             server.client.echo(marker)
@@ -200,6 +207,14 @@ def test_redis_commands_per_task(benchmark: Any, tmp_path: Path, page_frame: Fra
                 proc.kill()
                 proc.wait()
     _report(got["stats"], monitor, count)
+    report("redis_commands.redis_cpu_per_task", (got["cpu_served"] - got["cpu_pushed"]) / count
+           * 1e6, "us/task", note="Redis CPU (user+sys) per task served, at saturation")
+
+
+def _redis_cpu(client: Any) -> float:
+    """Seconds of CPU the Redis server has used (user + sys, main thread and children)."""
+    cpu: dict[str, Any] = client.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 def _report(stats: dict[str, dict[str, int]], monitor: Monitor, tasks: int) -> None:
@@ -231,3 +246,61 @@ def _report(stats: dict[str, dict[str, int]], monitor: Monitor, tasks: int) -> N
            calls=total - scripted,
            note="(b) commands the client issued: (a) minus those run inside Lua scripts")
     report("redis_commands.scripted_per_task", scripted / tasks, "calls/task", calls=scripted)
+
+
+SMALL_TASKS = 5_000
+
+
+@pytest.mark.timeout(600)
+def test_redis_cpu_per_task(benchmark: Any, tmp_path: Path, segments: Segments) -> None:
+    """Redis CPU per task with small frames (64x64), where the returner runs fastest and
+    Redis is most likely to be the limit; no MONITOR attached. The renderer's RPUSH is
+    measured apart: segments are made first, then their tasks pushed one by one."""
+    from returner.demo import task_message
+
+    frame = np.zeros((64, 64, 3), np.uint8)
+    queue = f"bench:cpu:{uuid.uuid4().hex[:8]}"
+    out = tmp_path / "out"
+    got: dict[str, float] = {}
+    with private_redis(tmp_path / "redis") as server, (tmp_path / "log").open("wb") as log:
+        client = server.client
+        messages = [task_message(segments.put(frame), frame.shape, "bench_cpu", f"cpu_{i:05d}")
+                    for i in range(SMALL_TASKS)]
+        before = _redis_cpu(client)
+        for message in messages:
+            client.rpush(queue, message)
+        pushed = _redis_cpu(client)
+        proc: subprocess.Popen[bytes] | None = None
+
+        def run() -> None:
+            nonlocal proc
+            got["start"] = time.perf_counter()
+            proc = _start_service(server, queue, tmp_path, log)
+            wait_until(lambda: _results(out) >= SMALL_TASKS or proc.poll() is not None, 300,
+                       "every task to be recorded", 0.05)
+            got["served"] = _redis_cpu(client)
+            got["seconds"] = time.perf_counter() - got["start"]
+
+        try:
+            benchmark.pedantic(run, rounds=1, iterations=1)
+            assert proc is not None and proc.poll() is None
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert client.xlen(f"{{{queue}}}:stream") == 0
+    report("redis_cpu.push_per_task", (pushed - before) / SMALL_TASKS * 1e6, "us/task",
+           note="Redis CPU (user+sys) per RPUSH of the renderer, one round trip each")
+    report("redis_cpu.serve_per_task", (got["served"] - pushed) / SMALL_TASKS * 1e6, "us/task",
+           note="Redis CPU (user+sys) per task served, 64x64 frames, start-up included")
+    report("redis_cpu.tasks_per_s", SMALL_TASKS / got["seconds"], "tasks/s",
+           note="64x64 frames, from process start to the last result")
+
+
+def _results(out: Path) -> int:
+    try:
+        return len(json.loads((out / "results.json").read_bytes()))
+    except (OSError, ValueError):
+        return 0

@@ -72,3 +72,29 @@ def test_throughput(pages: str, benchmark, bench_redis, page_frame, tmp_path: Pa
         report(f"service/original [{pages} pages, {earlier} earlier]", ours / theirs, "x")
     benchmark.extra_info.update(figures)
     assert top > 0
+
+
+WORKER_COUNTS = (1, os.cpu_count() or 1, 2 * (os.cpu_count() or 1))
+
+
+def test_worker_processes(benchmark, bench_redis, page_frame, tmp_path: Path,  # type: ignore[no-untyped-def]
+                          report) -> None:
+    """`run --workers N` against one process, 20k earlier results, default /dev/shm pages.
+
+    Each count runs with its default encoder threads (cores / N per worker)."""
+    client, url = bench_redis
+    figures: dict[int, float] = {}
+
+    def run() -> None:
+        figures[0] = ceiling(page_frame)
+        for n in dict.fromkeys(WORKER_COUNTS):
+            figures[n] = harness.service_rate(client, url, tmp_path, page_frame, SERVICE_FRAMES,
+                                              20_000, WORKERS=str(n))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    report("ceiling [workers run]", figures[0], "frames/s")
+    for n in dict.fromkeys(WORKER_COUNTS):
+        report(f"service [--workers {n}, 20000 earlier]", figures[n], "frames/s")
+        report(f"service/ceiling [--workers {n}, 20000 earlier]", figures[n] / figures[0], "x")
+        report(f"workers {n} / workers 1 [20000 earlier]", figures[n] / figures[1], "x")
+    assert all(rate > 0 for rate in figures.values())
