@@ -109,6 +109,9 @@ def install_stop_handlers(
     signal.signal(signal.SIGINT, handler)
 
 
+_NOT_SETTINGS = ("demo_count", "health_file", "supervisor")
+
+
 @app.command()
 def run(
     redis_url: RedisUrl = None,
@@ -143,12 +146,13 @@ def run(
         ),
     ] = 0,
     health_file: Annotated[Path | None, typer.Option(hidden=True)] = None,
+    supervisor: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then finish what is in hand and exit 0.
 
     Example: REDIS_URL=redis://localhost:6379/0 returner run --output-dir /srv/frames
     """
-    options = {k: v for k, v in locals().items() if k not in ("demo_count", "health_file")}
+    options = {k: v for k, v in locals().items() if k not in _NOT_SETTINGS}
     options.update(
         hosting_tasks_queue=options.pop("queue"),
         consumer_group=options.pop("group"),
@@ -156,23 +160,26 @@ def run(
     )
     settings = settings_from(**options)
     try:
-        if settings.workers > 1 and health_file is None:
+        if supervisor is not None and health_file is not None:
+            serve(settings, demo_count, (health_file, supervisor))
+        elif settings.workers > 1:
             supervise(settings, demo_count)
         else:
-            serve(settings, demo_count, health_file)
+            serve(settings, demo_count)
     except ReturnerError as exc:
         raise fail(str(exc), 1) from None
 
 
-def serve(settings: Settings, demo_count: int, health_file: Path | None) -> None:
-    """One worker in this process. `health_file`: a worker under a supervisor."""
+def serve(settings: Settings, demo_count: int, supervised: tuple[Path, int] | None = None) -> None:
+    """One worker in this process; `supervised`: (health file, supervisor pid) of a
+    worker under `run --workers`."""
     stop = threading.Event()
     install_stop_handlers(stop)
     health = Health(stuck_after_s=settings.stuck_after_ms / 1000)
     metrics = Metrics()
-    if health_file is not None:
+    if supervised is not None:
         logs.setup(settings.log_level, settings.log_format, worker=settings.consumer_name)
-        report_health(health, health_file, stop)
+        report_health(health, *supervised, stop)
     server = start_metrics(settings, metrics.registry, health)
     try:
         with redis_url_for(settings, embedded_ok=True) as url:
@@ -192,19 +199,18 @@ def supervise(settings: Settings, demo_count: int) -> None:
     with redis_url_for(settings, embedded_ok=True) as url:
         supervisor = Supervisor(settings, url, stop)
         install_stop_handlers(stop, on_second=supervisor.hurry)
-        server = start_metrics(settings, supervisor.registry, supervisor.health)
+        server = None
         try:
+            server = start_metrics(settings, supervisor.registry, supervisor.health)
             if demo_count:
                 start_demo(url, settings, demo_count)
             supervisor.run()
-            log.info(
-                "stopped: %d workers, %d restarts",
-                settings.workers,
-                sum(c.restarts for c in supervisor.children),
-            )
+            restarts = sum(c.restarts for c in supervisor.children)
+            log.info("stopped: %d workers, %d restarts", settings.workers, restarts)
         finally:
             if server:
                 server.stop()
+            supervisor.close()
 
 
 def start_metrics(

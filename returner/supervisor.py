@@ -37,6 +37,27 @@ RESTART_MIN_S, RESTART_MAX_S = 0.5, 30.0
 STEADY_AFTER_S = 30.0  # a worker that ran this long restarts without delay
 
 
+_DIR_PREFIX = "returner-metrics-"
+
+
+def _remove_stale_dirs() -> None:
+    """Directories of supervisors that are gone (one left at once on a second signal)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
+        pid = path.name.removeprefix(_DIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def worker_name(consumer_name: str, index: int) -> str:
     return f"{consumer_name}-{index}"
 
@@ -75,7 +96,8 @@ class Supervisor:
     def __init__(self, settings: Settings, redis_url: str, stop: threading.Event) -> None:
         self.settings = settings
         self.stop = stop
-        self.dir = Path(tempfile.mkdtemp(prefix="returner-metrics-"))
+        _remove_stale_dirs()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
         self.env = child_environment(settings, redis_url, self.dir)
         self.children = [
             Child(i, worker_name(settings.consumer_name, i), self.dir / f"health-{i}.json")
@@ -93,27 +115,29 @@ class Supervisor:
 
     def run(self) -> None:
         """Supervise until stopped, then stop the workers and wait for them to drain."""
-        try:
+        for child in self.children:
+            self._start(child)
+        while not self.stop.wait(0.2):
+            now = time.monotonic()
             for child in self.children:
-                self._start(child)
-            while not self.stop.wait(0.2):
-                now = time.monotonic()
-                for child in self.children:
-                    if child.process is None:
-                        if now >= child.due:
-                            self._start(child)
-                    elif child.process.poll() is not None:
-                        self._reap(child, now)
-                self.alive.set(sum(c.process is not None for c in self.children))
-            self._drain()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+                if child.process is None:
+                    if now >= child.due:
+                        self._start(child)
+                elif child.process.poll() is not None:
+                    self._reap(child, now)
+            self.alive.set(sum(c.process is not None for c in self.children))
+        self._drain()
+
+    def close(self) -> None:
+        """Remove the metrics and health directory."""
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def _start(self, child: Child) -> None:
         command = [
             sys.executable, "-m", "returner", "run",
             "--consumer", child.name,
             "--health-file", str(child.health_file),
+            "--supervisor", str(os.getpid()),
         ]  # fmt: skip
         # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which
         # then stops every worker once.
@@ -212,15 +236,16 @@ class WorkersHealth:
         return True, "ok"
 
 
-def report_health(health: Health, path: Path, stop: threading.Event) -> threading.Thread:
+def report_health(
+    health: Health, path: Path, supervisor: int, stop: threading.Event
+) -> threading.Thread:
     """In a worker: rewrite `path` every second with this worker's liveness and
-    readiness, and stop the worker if the supervisor that started it is gone."""
-    parent = os.getppid()
+    readiness, and stop the worker once `supervisor` (a pid) is no longer its parent."""
 
     def loop() -> None:
         temp = path.with_name(f".{path.name}.tmp")
-        while not stop.wait(REPORT_EVERY_S):
-            if os.getppid() != parent:
+        while True:
+            if os.getppid() != supervisor:
                 log.error("supervisor is gone; stopping")
                 stop.set()
                 return
@@ -230,6 +255,8 @@ def report_health(health: Health, path: Path, stop: threading.Event) -> threadin
                 temp.replace(path)
             except OSError as exc:
                 log.warning("cannot write health report %s: %s", path, exc)
+            if stop.wait(REPORT_EVERY_S):
+                return
 
     thread = threading.Thread(target=loop, name="health-report", daemon=True)
     thread.start()

@@ -212,3 +212,155 @@ def test_cli_option_beats_env_and_dotenv(clean_env: Path, redis_url: str, queue:
     assert json.loads(from_file.stdout)["queue"] == "q:dotenv"
     assert json.loads(from_env.stdout)["queue"] == "q:env"
     assert json.loads(from_cli.stdout)["queue"] == queue
+
+
+# --- WORKERS, REDIS_CLUSTER, REDIS_WAIT_*, {hostname} in HOSTING_TASKS_QUEUE -------------
+
+
+def test_new_settings_defaults() -> None:
+    s = load_settings()
+    assert s.workers == 1
+    assert s.redis_cluster is None  # unset: asked of the server at start
+    assert (s.redis_wait_replicas, s.redis_wait_timeout_ms) == (0, 1_000)
+
+
+def test_new_settings_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKERS", "4")
+    monkeypatch.setenv("REDIS_CLUSTER", "true")
+    monkeypatch.setenv("REDIS_WAIT_REPLICAS", "2")
+    monkeypatch.setenv("REDIS_WAIT_TIMEOUT_MS", "250")
+    s = load_settings()
+    assert (s.workers, s.redis_cluster) == (4, True)
+    assert (s.redis_wait_replicas, s.redis_wait_timeout_ms) == (2, 250)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field", "expected"),
+    [
+        ("WORKERS", "1", "workers", 1),
+        ("WORKERS", "256", "workers", 256),
+        ("REDIS_WAIT_REPLICAS", "0", "redis_wait_replicas", 0),
+        ("REDIS_WAIT_REPLICAS", "16", "redis_wait_replicas", 16),
+        ("REDIS_WAIT_TIMEOUT_MS", "1", "redis_wait_timeout_ms", 1),
+    ],
+)
+def test_new_settings_accept_their_bounds(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, field: str, expected: int
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert getattr(load_settings(), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("auto", None),
+        ("AUTO", None),
+        (" Auto ", None),
+        ("", None),
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("false", False),
+        ("0", False),
+    ],
+)
+def test_redis_cluster_values(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: bool | None
+) -> None:
+    monkeypatch.setenv("REDIS_CLUSTER", value)
+    assert load_settings().redis_cluster is expected
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("WORKERS", "0"),
+        ("WORKERS", "257"),
+        ("WORKERS", "-1"),
+        ("WORKERS", "two"),
+        ("REDIS_CLUSTER", "maybe"),
+        ("REDIS_CLUSTER", "cluster"),
+        ("REDIS_WAIT_REPLICAS", "-1"),
+        ("REDIS_WAIT_REPLICAS", "17"),
+        ("REDIS_WAIT_REPLICAS", "all"),
+        ("REDIS_WAIT_TIMEOUT_MS", "0"),
+        ("REDIS_WAIT_TIMEOUT_MS", "-5"),
+        ("HOSTING_TASKS_QUEUE", "q:{host}"),
+        ("HOSTING_TASKS_QUEUE", "q:{"),
+        ("HOSTING_TASKS_QUEUE", "q:}"),
+        ("HOSTING_TASKS_QUEUE", "{q}"),
+        ("HOSTING_TASKS_QUEUE", "q:{HOSTNAME}"),
+        ("HOSTING_TASKS_QUEUE", "q:{{hostname}}"),
+        ("HOSTING_TASKS_QUEUE", "q:{hostname"),
+    ],
+)
+def test_bad_new_setting_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith(f"{name}:"), message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("template", "expanded"),
+    [
+        ("tasks:{hostname}", "tasks:{h}"),
+        ("{hostname}", "{h}"),
+        ("{hostname}:tasks:{hostname}", "{h}:tasks:{h}"),
+        ("plain:tasks", "plain:tasks"),
+    ],
+)
+def test_hostname_in_the_queue_name_is_expanded(
+    monkeypatch: pytest.MonkeyPatch, template: str, expanded: str
+) -> None:
+    host = socket.gethostname()
+    assert host and "{" not in host and "}" not in host
+    want = expanded.replace("{h}", host)
+    monkeypatch.setenv("HOSTING_TASKS_QUEUE", template)
+    assert load_settings().hosting_tasks_queue == want
+    monkeypatch.delenv("HOSTING_TASKS_QUEUE")
+    assert load_settings(hosting_tasks_queue=template).hosting_tasks_queue == want
+
+
+def test_hostname_in_the_queue_name_is_expanded_from_dotenv(clean_env: Path) -> None:
+    (clean_env / ".env").write_text("HOSTING_TASKS_QUEUE=frames:{hostname}:in\n")
+    assert load_settings().hosting_tasks_queue == f"frames:{socket.gethostname()}:in"
+
+
+def test_hostname_is_looked_up_when_settings_are_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "render-7")
+    monkeypatch.setenv("HOSTING_TASKS_QUEUE", "q:{hostname}")
+    assert load_settings().hosting_tasks_queue == "q:render-7"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "name"),
+    [
+        (("run",), {"HOSTING_TASKS_QUEUE": "q:{other}"}, "HOSTING_TASKS_QUEUE"),
+        (("run", "--queue", "q:}"), {}, "HOSTING_TASKS_QUEUE"),
+        (("status", "--queue", "{q}"), {}, "HOSTING_TASKS_QUEUE"),
+        (("run", "--workers", "0"), {}, "WORKERS"),
+        (("run",), {"WORKERS": "257"}, "WORKERS"),
+        (("run",), {"REDIS_CLUSTER": "maybe"}, "REDIS_CLUSTER"),
+        (("run",), {"REDIS_WAIT_REPLICAS": "17"}, "REDIS_WAIT_REPLICAS"),
+        (("run",), {"REDIS_WAIT_TIMEOUT_MS": "0"}, "REDIS_WAIT_TIMEOUT_MS"),
+    ],
+)
+def test_cli_bad_new_setting_exits_2_with_one_line(
+    clean_env: Path, args: tuple[str, ...], env: dict[str, str], name: str
+) -> None:
+    result = run_cli(*args, cwd=clean_env, REDIS_URL="redis://127.0.0.1:1/0", **env)
+    assert_one_line_error(result, name)
+
+
+def test_cli_status_expands_hostname_in_the_queue_name(clean_env: Path, redis_url: str) -> None:
+    result = run_cli(
+        "status", "--json", cwd=clean_env, REDIS_URL=redis_url, HOSTING_TASKS_QUEUE="t:{hostname}"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["queue"] == f"t:{socket.gethostname()}"

@@ -15,6 +15,13 @@ end
 local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', count,
                          'STREAMS', KEYS[2], '>')
 if not reply then
+  -- Nothing new. Before Redis 7.2 an empty read leaves the consumer's idle time in
+  -- XINFO CONSUMERS as it was, and an idle live worker would look gone; reading its
+  -- (empty) history refreshes it. Only when it holds nothing: reading history counts
+  -- a delivery of every entry held.
+  if #redis.call('XPENDING', KEYS[2], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+    redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[2], '0')
+  end
   return {}
 end
 return reply[1][2]
