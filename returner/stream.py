@@ -114,11 +114,22 @@ class Server:
 
 
 def _cluster_enabled(client: redis.Redis) -> bool:
+    """Whether `client`'s server is a cluster node: `INFO cluster`, or when an ACL
+    refuses INFO, `CLUSTER SLOTS` (which a single server answers with an error)."""
     try:
-        info = client.info("cluster")
-    except redis.ResponseError:  # INFO refused (an ACL): not something a cluster allows
-        return False
-    return bool(info.get("cluster_enabled"))
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except redis.ResponseError:
+        pass
+    try:
+        client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+    except redis.ResponseError as exc:
+        if "disabled" in str(exc):  # "This instance has cluster support disabled"
+            return False
+        raise redis.ResponseError(
+            "cannot tell whether REDIS_URL is a Redis Cluster (INFO and CLUSTER SLOTS "
+            "refused): grant +info or set REDIS_CLUSTER"
+        ) from None
+    return True
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,10 @@ HEARTBEAT_S = 2.0  # entries in hand are touched this often, so no one claims th
 # caused it, not against every entry that shared its batch.
 SUSPECTS_AT_ONCE = 1
 OBSERVE_EVERY_S = 2.0  # queue gauges, and a look for consumers that have gone silent
-BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 10.0
+BACKOFF_MIN_S = 0.1
+# Redis is retried at least every 2 s, so a failover (seconds) costs little more than
+# itself; a failing disk is retried less eagerly.
+REDIS_BACKOFF_MAX_S, DISK_BACKOFF_MAX_S = 2.0, 10.0
 
 
 @dataclass
@@ -61,11 +64,12 @@ class Tally:
 class Backoff:
     """Capped exponential backoff with full jitter."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_s: float) -> None:
+        self.max_s = max_s
         self.attempt = 0
 
     def next_delay(self) -> float:
-        cap = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2**self.attempt)
+        cap = min(self.max_s, BACKOFF_MIN_S * 2**self.attempt)
         self.attempt += 1
         return random.uniform(cap / 2, cap)
 
@@ -313,7 +317,7 @@ class Worker:
     def handle(self, batch: Sequence[Entry]) -> None:
         """Process and settle a batch now; pause and retry while the output disk fails."""
         todo = list(batch)
-        backoff = Backoff()
+        backoff = Backoff(DISK_BACKOFF_MAX_S)
         self.health.holding(True)
         try:
             while todo:
@@ -455,7 +459,7 @@ class Worker:
 
         Raises Stopping when asked to stop before Redis answered.
         """
-        backoff = Backoff()
+        backoff = Backoff(REDIS_BACKOFF_MAX_S)
         while True:
             try:
                 result = action()
