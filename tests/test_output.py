@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from returner.output import LOCK, RESULTS, OutputDir, ResultsLog, file_name, safe_stem
+from returner.output import LOCK, RESULTS, ROTATIONS, OutputDir, ResultsLog, file_name, safe_stem
 from returner.task import Entry, Kind, Outcome
 from tests.conftest import read_results
 
@@ -285,6 +285,57 @@ def test_duplicate_seen_through_another_log(outdir: Path) -> None:
     assert dot_files(outdir) == {LOCK}
 
 
+def test_another_writers_lines_are_taken_up_without_reading_everything_again(
+    outdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out_a, log_a = open_log(outdir)
+    out_b, log_b = open_log(outdir)
+    log_b.commit([completed(out_b, "b0", "i")])
+    full_loads: list[Path] = []
+    real_load = ResultsLog._load
+
+    def counted_load(self: ResultsLog, path: Path, names: set[str]) -> list[bytes]:
+        full_loads.append(path)
+        return real_load(self, path, names)
+
+    monkeypatch.setattr(ResultsLog, "_load", counted_load)
+    for n in range(3):
+        log_a.commit([completed(out_a, f"a{n}", "i"), failed(f"f{n}", "i")])
+        late = completed(out_b, f"a{n}", "i", data=b"b")
+        log_b.commit([late, completed(out_b, f"b{n + 1}", "i")])
+        assert late.kind is Kind.DUPLICATE
+    assert full_loads == []  # each caught up with the other's appended lines only
+    on_disk = (outdir / RESULTS).read_bytes()
+    for log in (log_a, log_b):
+        log.commit([])
+        assert bytes(log._body) == on_disk[2:-3] and len(log) == 10
+    assert [r["request_id"] for r in read_results(outdir)] == [
+        "b0", "a0", "f0", "b1", "a1", "f1", "b2", "a2", "f2", "b3"]
+
+
+def test_a_rotation_by_another_writer_is_noticed_even_from_an_empty_body(outdir: Path) -> None:
+    out_a, log_a = open_log(outdir, max_entries=3)
+    out_b, log_b = open_log(outdir, max_entries=3)  # holds nothing yet
+    log_a.commit([completed(out_a, f"r{n}", "i") for n in range(4)])  # 3 archived, 1 left
+    assert len(rotated_files(outdir)) == 1 and len(read_results(outdir)) == 1
+    archived = completed(out_b, "r0", "i", data=b"b")
+    log_b.commit([archived])
+    assert archived.kind is Kind.DUPLICATE
+    assert len(all_records(outdir)) == 4
+
+
+def test_a_results_file_rewritten_from_outside_is_read_again(outdir: Path) -> None:
+    out_a, log_a = open_log(outdir)
+    log_a.commit([completed(out_a, "r0", "i")])
+    records = json.loads((outdir / RESULTS).read_bytes())
+    records.append(record(outdir, "r9", "i", "elsewhere.jpg"))
+    (outdir / RESULTS).write_text(json.dumps(records))  # one line: not our layout
+    again = completed(out_a, "r9", "i", data=b"again")
+    log_a.commit([again, completed(out_a, "r1", "i")])
+    assert again.kind is Kind.DUPLICATE
+    assert [r["request_id"] for r in read_results(outdir)] == ["r0", "r9", "r1"]
+
+
 def test_name_of_another_task_gets_a_suffix(
     opened: tuple[OutputDir, ResultsLog], outdir: Path
 ) -> None:
@@ -362,7 +413,8 @@ def test_rotation(outdir: Path) -> None:
     assert [r["request_id"] for r in read_results(outdir)] == ["r3"]
     for rec in all_records(outdir):
         assert Path(rec["file_path"]).exists()
-    assert dot_files(outdir) == {LOCK}
+    assert dot_files(outdir) == {LOCK, ROTATIONS}
+    assert (outdir / ROTATIONS).read_text() == archive.name + "\n"
 
 
 def test_rotation_inside_one_batch_keeps_every_entry(outdir: Path) -> None:
