@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 LOCK = ".results.lock"
-ROTATIONS = ".results.rotations"  # one line per rotation: how other writers notice one
 _ROTATED = re.compile(r"results\.\d{8}T\d{6}(?:_\d+)?\.json")
 _OURS = re.compile(r".+_\d{8}_\d{6}(?:_\d+)?\.jpg")
 _TEMP = re.compile(r"\.(\d+)-[0-9a-f]{32}\.tmp")
@@ -128,7 +127,7 @@ class OutputDir:
         """Temp files whose writer process is gone."""
         for entry in os.scandir(self.path):
             match = _TEMP.fullmatch(entry.name)
-            if match and not _alive(int(match.group(1))):
+            if match and not process_alive(int(match.group(1))):
                 yield Path(entry.path)
 
     def our_jpegs(self) -> Iterator[str]:
@@ -137,7 +136,8 @@ class OutputDir:
                 yield entry.name
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (ours, or one we may not signal)."""
     if pid == os.getpid():
         return True
     try:
@@ -155,9 +155,9 @@ class ResultsLog:
     The file is always a JSON array with one entry per line, so what this process
     wrote is reused byte for byte and no entry is ever re-encoded. Every commit
     runs under an flock on `.results.lock`; if another process wrote since our
-    last commit, what it added is read first. Writers only ever append to the body,
-    except when one rotates, which it notes in `.results.rotations` first: as long as
-    that file has not grown, the file on disk is our body plus the lines after it.
+    last commit, what it added is read first: writers only ever append to the body,
+    so unless one rotated (then the first line differs too), the file on disk is our
+    body plus the lines after it.
     """
 
     def __init__(self, out: OutputDir, max_entries: int) -> None:
@@ -169,7 +169,6 @@ class ResultsLog:
         self._completed: set[tuple[str, str]] = set()
         self._rotated: set[str] = set()
         self._seen: tuple[int, int, int] | None = None
-        self._rotations_seen = 0  # size of .results.rotations when last in step
         self._moved: list[Outcome] = []  # JPEGs renamed by the commit under way
         self._flushed = 0  # how many of those are already in a written results file
         self._lock_fd = os.open(out.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -270,9 +269,6 @@ class ResultsLog:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         for n in range(1000):
             name = f"results.{stamp}{'_' + str(n) if n else ''}.json"
-            if os.path.lexists(self.out.path / name):
-                continue
-            self._note_rotation(name)
             try:
                 os.link(self.path, self.out.path / name)
             except FileExistsError:
@@ -298,23 +294,6 @@ class ResultsLog:
         st = os.stat(self.path)
         self._seen = (st.st_ino, st.st_size, st.st_mtime_ns)
         self._clear_intent()  # every JPEG renamed so far is referenced now
-
-    def _note_rotation(self, name: str) -> None:
-        """Tell other writers, before it happens, that results.json is being archived."""
-        path = self.out.path / ROTATIONS
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (name + "\n").encode())
-            os.fsync(fd)
-            self._rotations_seen = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-
-    def _rotations(self) -> int:
-        try:
-            return os.stat(self.out.path / ROTATIONS).st_size
-        except FileNotFoundError:
-            return 0
 
     def _note_intent(self, name: str) -> None:
         """Record in the lock file a JPEG name about to appear, before it appears."""
@@ -363,19 +342,18 @@ class ResultsLog:
         except FileNotFoundError:
             st = None
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns) if st else None
-        rotations = self._rotations()
-        if not collect_names and rotations == self._rotations_seen:
+        if not collect_names:
             if stamp == self._seen:
                 return names
             if st is not None and self._seen is not None and self._read_appended(st.st_size):
                 self._seen = stamp
                 return names
-        if collect_names or stamp is None or self._seen is None or stamp[0] != self._seen[0]:
-            st = self._load_rotated(st, names, every=collect_names)
+        # Not an extension of our body: another writer may have rotated (an inode
+        # number tells nothing, the file system reuses them), so look for new archives.
+        st = self._load_rotated(st, names, every=collect_names)
         lines = self._load(self.path, names) if st is not None else []
         self._body, self._count = bytearray(b",\n".join(lines)), len(lines)
         self._seen = stamp if st is not None else None
-        self._rotations_seen = rotations
         return names
 
     def _read_appended(self, size: int) -> bool:
@@ -399,28 +377,35 @@ class ResultsLog:
         return True
 
     def _appended_lines(self, size: int) -> list[bytes] | None:
+        """The lines after our body, if the file starts with our first line and holds
+        our body's end where our body ends; None otherwise (a rotation, or a file
+        written from outside), and when our body is empty, which cannot tell."""
+        if not self._count:
+            return None
         body = self._body
-        start = 2 + len(body) if self._count else 0  # after "[\n" and our body
+        cut = body.find(b",\n")
+        head = b"[\n" + (body[:cut] if cut >= 0 else body)
+        start = 2 + len(body)  # where our body ends in the file
         overlap = min(len(body), 64)
-        if size < start + 3:  # shorter than our body: not an extension of it
+        if size < start + 3:
             return None
         try:
             with open(self.path, "rb") as f:
+                first = f.read(len(head))
                 f.seek(start - overlap)
                 data = f.read(size - start + overlap)
         except OSError:
             return None
-        if not self._count and data == b"[]\n":
-            return []
-        if data[:overlap] != body[len(body) - overlap :] or not data.endswith(b"\n]\n"):
+        if first != head or data[:overlap] != body[len(body) - overlap :]:
+            return None
+        if not data.endswith(b"\n]\n"):
             return None
         tail = data[overlap:-3]
-        lead = b",\n" if self._count else b"[\n"
         if not tail:
             return []
-        if not tail.startswith(lead):
+        if not tail.startswith(b",\n"):
             return None
-        return tail[len(lead) :].split(b",\n")
+        return tail[2:].split(b",\n")
 
     def _load_rotated(
         self, st: os.stat_result | None, names: set[str], every: bool

@@ -28,6 +28,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
 
 from returner.metrics import LIVE_WITHIN_S, Health
+from returner.output import process_alive
 from returner.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 REPORT_EVERY_S = 1.0
 RESTART_MIN_S, RESTART_MAX_S = 0.5, 30.0
 STEADY_AFTER_S = 30.0  # a worker that ran this long restarts without delay
-
-
 _DIR_PREFIX = "returner-metrics-"
 
 
@@ -44,18 +43,8 @@ def _remove_stale_dirs() -> None:
     """Directories of supervisors that are gone (one left at once on a second signal)."""
     for path in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
         pid = path.name.removeprefix(_DIR_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def worker_name(consumer_name: str, index: int) -> str:

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from returner.output import LOCK, RESULTS, ROTATIONS, OutputDir, ResultsLog, file_name, safe_stem
+from returner.output import LOCK, RESULTS, OutputDir, ResultsLog, file_name, safe_stem
 from returner.task import Entry, Kind, Outcome
 from tests.conftest import read_results
 
@@ -291,6 +291,7 @@ def test_another_writers_lines_are_taken_up_without_reading_everything_again(
     out_a, log_a = open_log(outdir)
     out_b, log_b = open_log(outdir)
     log_b.commit([completed(out_b, "b0", "i")])
+    log_a.commit([completed(out_a, "a", "i")])  # an empty body cannot tell: read in full
     full_loads: list[Path] = []
     real_load = ResultsLog._load
 
@@ -308,9 +309,37 @@ def test_another_writers_lines_are_taken_up_without_reading_everything_again(
     on_disk = (outdir / RESULTS).read_bytes()
     for log in (log_a, log_b):
         log.commit([])
-        assert bytes(log._body) == on_disk[2:-3] and len(log) == 10
+        assert bytes(log._body) == on_disk[2:-3] and len(log) == 11
     assert [r["request_id"] for r in read_results(outdir)] == [
-        "b0", "a0", "f0", "b1", "a1", "f1", "b2", "a2", "f2", "b3"]
+        "b0", "a", "a0", "f0", "b1", "a1", "f1", "b2", "a2", "f2", "b3"]
+
+
+def test_a_rotation_by_another_writer_is_noticed(outdir: Path) -> None:
+    out_a, log_a = open_log(outdir, max_entries=3)
+    out_b, log_b = open_log(outdir, max_entries=3)
+    log_b.commit([completed(out_b, "b0", "i")])
+    log_a.commit([completed(out_a, f"r{n}", "i") for n in range(4)])  # rotates: b0 r0 r1
+    assert len(rotated_files(outdir)) == 1
+    log_b.commit([completed(out_b, f"r{n}", "i", data=b"b") for n in range(1, 3)])
+    assert len(all_records(outdir)) == 5  # r1 and r2 were duplicates: one in the archive
+    assert sorted(r["request_id"] for r in all_records(outdir)) == ["b0", "r0", "r1", "r2", "r3"]
+
+
+def test_a_rotation_is_noticed_when_the_new_file_looks_like_ours_where_our_body_ends(
+    outdir: Path,
+) -> None:
+    # Lines of equal length that end alike: after another writer's rotation, the file
+    # holds at our body's end the same bytes as our body's end. Only the first line
+    # differs.
+    ids = [f"{n}" + "z" * 70 for n in range(4)]
+    out_a, log_a = open_log(outdir, max_entries=3)
+    out_b, log_b = open_log(outdir, max_entries=3)
+    log_b.commit([completed(out_b, "b0", ids[0])])
+    log_a.commit([completed(out_a, f"r{n}", ids[n + 1]) for n in range(3)])  # archives b0 r0 r1
+    assert [r["request_id"] for r in read_results(outdir)] == ["r2"]
+    archived = completed(out_b, "r0", ids[1], data=b"b")
+    log_b.commit([archived])
+    assert archived.kind is Kind.DUPLICATE
 
 
 def test_a_rotation_by_another_writer_is_noticed_even_from_an_empty_body(outdir: Path) -> None:
@@ -413,8 +442,7 @@ def test_rotation(outdir: Path) -> None:
     assert [r["request_id"] for r in read_results(outdir)] == ["r3"]
     for rec in all_records(outdir):
         assert Path(rec["file_path"]).exists()
-    assert dot_files(outdir) == {LOCK, ROTATIONS}
-    assert (outdir / ROTATIONS).read_text() == archive.name + "\n"
+    assert dot_files(outdir) == {LOCK}
 
 
 def test_rotation_inside_one_batch_keeps_every_entry(outdir: Path) -> None:
