@@ -115,20 +115,17 @@ class Server:
 
 def _cluster_enabled(client: redis.Redis) -> bool:
     """Whether `client`'s server is a cluster node: `INFO cluster`, or when an ACL
-    refuses INFO, `CLUSTER SLOTS` (which a single server answers with an error)."""
+    refuses INFO, `CLUSTER SLOTS`, which a single server answers with an error. A user
+    refused both is taken to be on a single server: no cluster client works without
+    CLUSTER SLOTS."""
     try:
         return bool(client.info("cluster").get("cluster_enabled"))
     except redis.ResponseError:
         pass
     try:
         client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-    except redis.ResponseError as exc:
-        if "disabled" in str(exc):  # "This instance has cluster support disabled"
-            return False
-        raise redis.ResponseError(
-            "cannot tell whether REDIS_URL is a Redis Cluster (INFO and CLUSTER SLOTS "
-            "refused): grant +info or set REDIS_CLUSTER"
-        ) from None
+    except redis.ResponseError:
+        return False
     return True
 
 

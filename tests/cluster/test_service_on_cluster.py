@@ -70,9 +70,12 @@ def test_run_through_a_master_that_does_not_own_the_queue(
         frames.task(frame, f"req_{i % 3}", image) for i, (image, frame) in enumerate(sent.items())
     ]
 
+    names = {"cluster-e2e"} if workers == 1 else {f"cluster-e2e-{i}" for i in range(workers)}
     push(client, queue, messages[: count // 2])  # waiting before the service starts
     svc = services(env).start("--workers", str(workers))
     svc.wait_ready()
+    # A worker joins the group with its first read, which may follow readiness.
+    wait_for(lambda: set(queue_state(cluster, queue).consumers) == names, what="every worker")
     push(client, queue, messages[count // 2 :])  # arrive while it blocks on the list
     wait_for(lambda: results_count(output_dir) == count, timeout=60, what="every result")
     assert svc.stop() == 0, svc.logs()
@@ -88,7 +91,6 @@ def test_run_through_a_master_that_does_not_own_the_queue(
 
     state = queue_state(cluster, queue)
     assert state.drained and state.dead_letters == 0
-    names = {"cluster-e2e"} if workers == 1 else {f"cluster-e2e-{i}" for i in range(workers)}
     assert set(state.consumers) == names
     stream = Keys.for_queue(queue).stream
     assert owner.r.exists(stream) == 1  # a plain client: it would answer MOVED elsewhere

@@ -113,7 +113,7 @@ def test_sigterm_while_redis_is_still_down(service: Callable[..., Service],
 # free of it (Redis 7.0 does not know the subcommand and refuses the grant).
 ACL_SETUSER = (
     "ACL SETUSER returner on >s3cret resetkeys ~hosting:tasks ~{hosting:tasks}:* "
-    "resetchannels -@all +blmove +evalsha +llen +lpop +ping +script|load +time +xack "
+    "resetchannels -@all +blmove +evalsha +info +llen +lpop +ping +script|load +time +xack "
     "+xadd +xautoclaim +xclaim +xdel +xgroup|create +xgroup|delconsumer "
     "+xinfo|consumers +xlen +xpending +xrange +xreadgroup +xrevrange"
 )
@@ -267,14 +267,16 @@ def test_acl_user_with_least_privilege(acl_server: EmbeddedRedis, service: Calla
 # LOAD when Redis does not have the script yet). The Lua scripts' calls are read from
 # returner/lua: ACL checks those too.
 CLIENT_SIDE = {"evalsha", "script|load", "xgroup|create", "ping", "blmove", "llen", "xlen",
-               "time", "xpending", "xinfo|consumers", "xrange", "xrevrange"}
+               "time", "xpending", "xinfo|consumers", "xrange", "xrevrange",
+               "info"}  # INFO cluster: is REDIS_URL a cluster? (REDIS_CLUSTER=auto)
 
 
 def lua_commands() -> set[str]:
     found = set()
     for script in (Path(__file__).parents[2] / "returner" / "lua").glob("*.lua"):
         for cmd, sub in re.findall(r"redis\.call\('(\w+)'(?:,\s*'(\w+)')?", script.read_text()):
-            found.add(f"{cmd}|{sub}".lower() if cmd.upper() == "XGROUP" else cmd.lower())
+            container = cmd.upper() in ("XGROUP", "XINFO")
+            found.add(f"{cmd}|{sub}".lower() if container else cmd.lower())
     return found
 
 
