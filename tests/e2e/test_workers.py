@@ -460,6 +460,18 @@ def test_a_poison_frame_is_dead_lettered_while_the_supervisor_keeps_restarting(
 # -- stopping -----------------------------------------------------------------------------
 
 
+def busy_workers(supervised: Callable[..., Service], r: redis.Redis, queue: str,
+                 frames: Frames, count: int) -> tuple[Service, dict[str, int]]:
+    """A supervisor whose workers have joined the group and hold some of `count` frames
+    just pushed; with the workers' pids by name."""
+    svc = supervised().start()
+    wait_joined(svc, NAMES)
+    pids = worker_pids(svc)
+    push_noise(r, queue, frames, count)
+    wait_for(lambda: pending(r, Keys.for_queue(queue).stream) > 0, what="work in hand")
+    return svc, pids
+
+
 def test_sigterm_drains_every_worker(
     supervised: Callable[..., Service],
     workers_env: dict[str, str],
@@ -470,11 +482,7 @@ def test_sigterm_drains_every_worker(
 ) -> None:
     count = 60
     stream = Keys.for_queue(queue).stream
-    svc = supervised().start()
-    wait_joined(svc, NAMES)
-    pids = worker_pids(svc)
-    push_noise(r, queue, frames, count)
-    wait_for(lambda: pending(r, stream) > 0, what="work in hand")
+    svc, pids = busy_workers(supervised, r, queue, frames, count)
 
     svc.signal(signal.SIGTERM)
     assert svc.proc is not None
@@ -559,11 +567,7 @@ def test_workers_stop_on_their_own_when_the_supervisor_is_killed(
 ) -> None:
     count = 60
     stream = Keys.for_queue(queue).stream
-    svc = supervised().start()
-    wait_joined(svc, NAMES)
-    pids = worker_pids(svc)
-    push_noise(r, queue, frames, count)
-    wait_for(lambda: pending(r, stream) > 0, what="work in hand")
+    svc, pids = busy_workers(supervised, r, queue, frames, count)
 
     svc.kill9()
     wait_for(
