@@ -40,6 +40,8 @@ EXPORTED_METRICS = {
     "returner_dead_letters",
     "returner_tasks_total",
     "returner_task_duration_seconds",
+    "returner_redis_short_waits_total",
+    "returner_worker_restarts_total",  # the supervisor's (run --workers)
 }
 HISTOGRAMS = {"returner_task_duration_seconds"}
 
