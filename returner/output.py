@@ -253,12 +253,15 @@ class ResultsLog:
         raise OSError(errno.EEXIST, "no free file name")
 
     def _append(self, line: bytes) -> None:
+        self._add_line(line)
+        if self._count >= self.max_entries:  # full: archive it now, start afresh
+            self._rotate()
+
+    def _add_line(self, line: bytes) -> None:
         if self._count:
             self._body += b",\n"
         self._body += line
         self._count += 1
-        if self._count >= self.max_entries:  # full: archive it now, start afresh
-            self._rotate()
 
     def _rotate(self) -> None:
         # Write out what this commit added so far, then hard-link: results.json exists
@@ -367,13 +370,9 @@ class ResultsLog:
         except ValueError:
             return False
         for record in records:
-            if _is_completed_record(record):
-                self._completed.add((record["request_id"], record["image_id"]))
+            self._index(record)
         for line in lines:
-            if self._count:
-                self._body += b",\n"
-            self._body += line
-            self._count += 1
+            self._add_line(line)
         return True
 
     def _appended_lines(self, size: int) -> list[bytes] | None:
@@ -430,10 +429,16 @@ class ResultsLog:
         if not isinstance(records, list):
             raise DiskError(f"{path} is not a JSON array; move it aside")
         for record in records:
-            if _is_completed_record(record):
-                self._completed.add((record["request_id"], record["image_id"]))
+            if self._index(record):
                 names.add(os.path.basename(record.get("file_path") or ""))
         return [json.dumps(r).encode() for r in records]
+
+    def _index(self, record: Any) -> bool:
+        """Add a completed record to the once-only index; whether it was one."""
+        if not _is_completed_record(record):
+            return False
+        self._completed.add((record["request_id"], record["image_id"]))
+        return True
 
     def _sweep(self, referenced: set[str]) -> None:
         for temp in self.out.stale_temps():
