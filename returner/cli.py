@@ -237,11 +237,15 @@ def start_metrics(
     return server
 
 
+def push_demo(url: str, settings: Settings, count: int) -> list[str]:
+    """Push `count` sample frames onto the queue; their segment names."""
+    client = Server(url, settings.redis_cluster).general()
+    return demo.push_demo(client, settings.hosting_tasks_queue, count)
+
+
 def start_demo(url: str, settings: Settings, count: int) -> None:
     def push() -> None:
-        client = Server(url, settings.redis_cluster).general()
-        names = demo.push_demo(client, settings.hosting_tasks_queue, count)
-        log.info("demo: pushed %d sample frames", len(names))
+        log.info("demo: pushed %d sample frames", len(push_demo(url, settings, count)))
 
     threading.Thread(target=push, name="demo", daemon=True).start()
 
@@ -459,8 +463,7 @@ def demo_cmd(
     with redis_url_for(settings, embedded_ok=False) as url:
         try:
             with translated("pushing demo tasks"):
-                client = Server(url, settings.redis_cluster).general()
-                names = demo.push_demo(client, settings.hosting_tasks_queue, count)
+                names = push_demo(url, settings, count)
         except ReturnerError as exc:
             raise fail(str(exc), 1) from None
     typer.echo(f"pushed {len(names)} frames onto {settings.hosting_tasks_queue}")
