@@ -13,10 +13,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import redis
@@ -149,11 +150,39 @@ def _shm_huge_option() -> str:
     return "never"
 
 
-def stripped_loop(frame: np.ndarray, count: int, output_dir: Path | None = None) -> float:
+class Measured(NamedTuple):
+    rate: float  # frames/s
+    cpu_ms: float  # CPU of the whole machine per frame (kernel threads and interrupts too)
+
+    @property
+    def cpu_bound(self) -> float:
+        """Frames/s with every core busy on this work: nothing left waiting on a disk."""
+        return len(os.sched_getaffinity(0)) * 1000 / self.cpu_ms
+
+
+def busy_seconds() -> float:
+    """CPU time this machine has spent working, from /proc/stat: user, nice, system, irq
+    and softirq (not idle, iowait, or time stolen by the hypervisor)."""
+    user, nice, system, _idle, _iowait, irq, softirq = (
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
+    )
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(work: Callable[[int], object], count: int, threads: int) -> Measured:
+    """Run `work(0..count-1)` on `threads` threads: its rate and machine CPU per frame."""
+    with ThreadPoolExecutor(threads) as pool:
+        busy, started = busy_seconds(), time.perf_counter()
+        list(pool.map(work, range(count)))
+        wall, cpu = time.perf_counter() - started, busy_seconds() - busy
+    return Measured(count / wall, cpu / count * 1000)
+
+
+def stripped_loop(frame: np.ndarray, count: int, output_dir: Path | None = None) -> Measured:
     """The least any design must do per frame, one thread per core, no Redis and no
     results: map the segment, encode from it, unmap, unlink. With `output_dir`, each JPEG
     is also written to a temp file, fsynced and renamed, in line (the issue's
-    "stripped-down" loop). Returns frames/s; the segments are made beforehand, untimed."""
+    "stripped-down" loop). The segments are made beforehand, untimed."""
     names = [put_frame(frame) for _ in range(count)]
 
     def one(i: int) -> None:
@@ -178,10 +207,7 @@ def stripped_loop(frame: np.ndarray, count: int, output_dir: Path | None = None)
         _posixshmem.shm_unlink("/" + names[i])
 
     try:
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            started = time.perf_counter()
-            list(pool.map(one, range(count)))
-            return count / (time.perf_counter() - started)
+        return measure(one, count, os.cpu_count() or 1)
     finally:
         release(names)  # only those a failure left behind are still there
 
