@@ -219,9 +219,11 @@ class ResultsLog:
                 for outcome in outcomes:
                     self._record(outcome)
                 self._write()
-            except OSError as exc:
+            except (OSError, DiskError) as exc:
                 # Outcomes written before a rotation are durable and stay recorded.
                 self._undo(self._moved[self._flushed :], self._rotated - rotated_before)
+                if isinstance(exc, DiskError):
+                    raise
                 raise _disk_error("committing results", exc) from exc
 
     def _record(self, outcome: Outcome) -> None:

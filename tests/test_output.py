@@ -20,6 +20,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from returner import output
+from returner.errors import DiskError
 from returner.output import LOCK, RESULTS, OutputDir, ResultsLog, file_name, safe_stem
 from returner.task import Entry, Kind, Outcome
 from tests.conftest import read_results
@@ -540,6 +542,29 @@ def test_readers_always_see_a_complete_document(
         assert len(read_results(outdir)) == 2 * (n + 1)
     assert len(log) == 40
     assert dot_files(outdir) == {LOCK}
+
+
+def test_a_disk_error_writing_results_forgets_the_batch(
+    opened: tuple[OutputDir, ResultsLog], outdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, log = opened
+    log.commit([completed(out, "r0", "i0")])
+    lost = completed(out, "r1", "i1", millis=MILLIS + 1000)
+
+    def full_disk(path: Path, *chunks: bytes | bytearray) -> None:
+        raise DiskError(f"writing {path.name}: No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(output, "write_durably", full_disk)
+        with pytest.raises(DiskError):
+            log.commit([lost])
+    # Not durable, so not done: a retry must write it, not take it for a duplicate.
+    assert not log.is_completed(("r1", "i1"))
+    assert [p.name for p in outdir.glob("*.jpg")] == [f"i0_{STAMP}.jpg"]
+    retry = completed(out, "r1", "i1", millis=MILLIS + 1000)
+    log.commit([retry])
+    assert retry.kind is Kind.COMPLETED
+    assert [r["request_id"] for r in read_results(outdir)] == ["r0", "r1"]
 
 
 # --- several processes -----------------------------------------------------------------
