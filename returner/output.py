@@ -7,6 +7,11 @@ it except between the two renames. Each JPEG name is noted in the lock file befo
 its rename and the note is cleared once results.json references it: whoever takes
 the lock next removes the JPEGs of a writer that died in between, even if that
 writer never starts again. `ResultsLog.open` also sweeps the whole directory.
+
+A commit rewrites results.json whole, which is megabytes late in a rotation cycle.
+So after each commit the next version is written ahead, on a thread of its own, up to
+the entries it already holds; the next commit only appends its own entries to it,
+fsyncs and renames it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import os
 import re
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,9 @@ _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 # 255 bytes in all: stem + "_YYYYMMDD_HHMMSS" + "_NNNNNN" suffix room + ".jpg"
 STEM_MAX = 255 - 16 - 7 - 4
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+# results.json is written ahead once its entries take this much; a smaller file is
+# written whole by the commit, at little cost.
+WRITE_AHEAD_MIN_BYTES = 256 * 1024
 
 
 def safe_stem(image_id: str) -> str:
@@ -79,6 +89,13 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, chunks: Iterable[bytes | bytearray]) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
 def write_durably(path: Path, *chunks: bytes | bytearray) -> None:
     """Create `path` (a new dot-file) with the chunks and fsync it. Raises DiskError."""
     try:
@@ -86,10 +103,7 @@ def write_durably(path: Path, *chunks: bytes | bytearray) -> None:
     except OSError as exc:
         raise _disk_error(f"creating {path.name}", exc) from exc
     try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+        _write_all(fd, chunks)
         os.fsync(fd)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -149,6 +163,37 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def _start_ahead(path: Path, body: bytes) -> int:
+    """Create `path` holding `[` and `body`, flushed to disk; returns its open descriptor."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, (b"[\n", body))
+        os.fdatasync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return fd
+
+
+@dataclass
+class _Draft:
+    """The next results.json, written ahead: `[` and the first `length` bytes of the
+    body of `generation` (a body is only ever appended to until it is replaced)."""
+
+    temp: Path
+    generation: int
+    length: int
+    fd: Future[int]
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            os.close(self.fd.result())
+        with contextlib.suppress(OSError):
+            os.unlink(self.temp)
+
+
 class ResultsLog:
     """`results.json` plus its rotated files, shared safely by several processes.
 
@@ -173,9 +218,14 @@ class ResultsLog:
         self._flushed = 0  # how many of those are already in a written results file
         self._lock_fd = os.open(out.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         self._intent = 0  # bytes of JPEG names noted in the lock file, not yet recorded
+        self._generation = 0  # counts the times _body was replaced rather than appended to
+        self._draft: _Draft | None = None
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="results")
 
     def close(self) -> None:
-        """Remove temp files that dead writers left, then release the lock file."""
+        """Remove our draft and the temp files dead writers left; release the lock file."""
+        self._drop_draft()
+        self._ahead.shutdown()
         with contextlib.suppress(OSError), self._locked():
             for temp in self.out.stale_temps():
                 self.out.discard(temp)
@@ -225,6 +275,7 @@ class ResultsLog:
                 if isinstance(exc, DiskError):
                     raise
                 raise _disk_error("committing results", exc) from exc
+            self._write_ahead()
 
     def _record(self, outcome: Outcome) -> None:
         if outcome.kind is Kind.RETRY or outcome.kind is Kind.DUPLICATE:
@@ -279,17 +330,59 @@ class ResultsLog:
             except FileExistsError:
                 continue
             self._rotated.add(name)
-            self._body, self._count = bytearray(), 0
+            self._replace_body([])
             log.info("rotated results.json to %s", name)
             return
         raise OSError(errno.EEXIST, "no free name to rotate results.json")
 
+    def _replace_body(self, lines: list[bytes]) -> None:
+        self._body, self._count = bytearray(b",\n".join(lines)), len(lines)
+        self._generation += 1
+
+    def _write_ahead(self) -> None:
+        """Start writing the next results.json, up to the entries it already holds."""
+        if self._count and len(self._body) >= WRITE_AHEAD_MIN_BYTES:
+            temp, body = self.out.temp_path(), bytes(self._body)
+            future = self._ahead.submit(_start_ahead, temp, body)
+            self._draft = _Draft(temp, self._generation, len(body), future)
+
+    def _drop_draft(self) -> None:
+        draft, self._draft = self._draft, None
+        if draft is not None:
+            draft.discard()
+
+    def _finish_draft(self) -> Path | None:
+        """The draft completed with the entries added since and fsynced; None when there
+        is none or it does not fit (the body was replaced: a rotation, a full reload)."""
+        draft, self._draft = self._draft, None
+        if draft is None:
+            return None
+        if draft.generation != self._generation or not self._count:
+            draft.discard()
+            return None
+        try:
+            fd = draft.fd.result()
+        except OSError:
+            return None  # written whole instead (where a failing disk fails again)
+        try:
+            _write_all(fd, (self._body[draft.length :], b"\n]\n"))
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(draft.temp)
+            raise _disk_error(f"writing {draft.temp.name}", exc) from exc
+        finally:
+            os.close(fd)
+        return draft.temp
+
     def _write(self) -> None:
-        temp = self.out.temp_path()
-        if self._count:
-            write_durably(temp, b"[\n", self._body, b"\n]\n")
-        else:
-            write_durably(temp, b"[]\n")
+        temp = self._finish_draft()
+        if temp is None:
+            temp = self.out.temp_path()
+            if self._count:
+                write_durably(temp, b"[\n", self._body, b"\n]\n")
+            else:
+                write_durably(temp, b"[]\n")
         try:
             os.rename(temp, self.path)
         except OSError:
@@ -356,8 +449,7 @@ class ResultsLog:
         # Not an extension of our body: another writer may have rotated (an inode
         # number tells nothing, the file system reuses them), so look for new archives.
         st = self._load_rotated(st, names, every=collect_names)
-        lines = self._load(self.path, names) if st is not None else []
-        self._body, self._count = bytearray(b",\n".join(lines)), len(lines)
+        self._replace_body(self._load(self.path, names) if st is not None else [])
         self._seen = stamp if st is not None else None
         return names
 

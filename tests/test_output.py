@@ -567,11 +567,100 @@ def test_a_disk_error_writing_results_forgets_the_batch(
     assert [r["request_id"] for r in read_results(outdir)] == ["r0", "r1"]
 
 
+# --- results.json written ahead -------------------------------------------------------
+
+
+@pytest.fixture
+def ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Write results.json ahead whatever its size (the service does from 256 KiB)."""
+    monkeypatch.setattr(output, "WRITE_AHEAD_MIN_BYTES", 0)
+
+
+def temp_files(directory: Path) -> set[str]:
+    return {p.name for p in directory.iterdir() if p.name.endswith(".tmp")}
+
+
+def document(log: ResultsLog) -> bytes:
+    """results.json as a commit writes it whole."""
+    return b"[\n" + bytes(log._body) + b"\n]\n" if len(log) else b"[]\n"
+
+
+@pytest.mark.usefixtures("ahead")
+def test_results_written_ahead_are_what_a_whole_write_gives(outdir: Path) -> None:
+    out, log = open_log(outdir)
+    assert temp_files(outdir) == set()  # nothing to write ahead of an empty file
+    for n in range(5):
+        log.commit([completed(out, f"r{n}", f"i{n}"), failed(f"f{n}", f"i{n}")])
+        assert (outdir / RESULTS).read_bytes() == document(log)
+        assert log._draft is not None
+        log._draft.fd.result()  # written on the log's own thread
+        [draft] = temp_files(outdir)  # the next version, holding every entry so far
+        assert (outdir / draft).read_bytes() == b"[\n" + bytes(log._body)
+    assert [r["request_id"] for r in read_results(outdir)] == [
+        x for n in range(5) for x in (f"r{n}", f"f{n}")
+    ]
+    log.close()
+    assert dot_files(outdir) == {LOCK}  # the draft goes with a clean shutdown
+
+
+@pytest.mark.usefixtures("ahead")
+def test_results_written_ahead_take_up_another_writers_lines(outdir: Path) -> None:
+    out_a, log_a = open_log(outdir)
+    out_b, log_b = open_log(outdir)
+    log_a.commit([completed(out_a, "a0", "i")])
+    log_b.commit([completed(out_b, "b0", "j")])
+    log_a.commit([completed(out_a, "a1", "k")])  # its draft lacked b0: appended with a1
+    log_b.commit([completed(out_b, "b1", "l")])
+    assert [r["request_id"] for r in read_results(outdir)] == ["a0", "b0", "a1", "b1"]
+    assert (outdir / RESULTS).read_bytes() == document(log_b)
+    for log in (log_a, log_b):
+        log.close()
+    assert dot_files(outdir) == {LOCK}
+
+
+@pytest.mark.usefixtures("ahead")
+def test_results_written_ahead_survive_rotations(outdir: Path) -> None:
+    out_a, log_a = open_log(outdir, max_entries=3)
+    out_b, log_b = open_log(outdir, max_entries=3)
+    log_a.commit([completed(out_a, "r0", "i0")])
+    log_a.commit([completed(out_a, f"r{n}", f"i{n}") for n in range(1, 5)])  # rotates
+    log_b.commit([completed(out_b, "r5", "i5"), completed(out_b, "r6", "i6")])  # rotates
+    log_a.commit([completed(out_a, "r7", "i7")])  # its draft is of a body rotated away
+    records = all_records(outdir)
+    assert sorted(r["request_id"] for r in records) == [f"r{n}" for n in range(8)]
+    assert {Path(r["file_path"]).name for r in records} == {p.name for p in outdir.glob("*.jpg")}
+    for path in [*rotated_files(outdir), outdir / RESULTS]:
+        assert len(json.loads(path.read_bytes())) <= 3
+    for log in (log_a, log_b):
+        log.close()
+    assert dot_files(outdir) == {LOCK}
+
+
+@pytest.mark.usefixtures("ahead")
+def test_a_draft_that_could_not_be_written_falls_back_to_a_whole_write(
+    outdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, log = open_log(outdir)
+    log.commit([completed(out, "r0", "i0")])
+
+    def failing(path: Path, body: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(output, "_start_ahead", failing)
+    log.commit([completed(out, "r1", "i1")])  # the draft was good: used
+    log.commit([completed(out, "r2", "i2")])  # this one's draft failed: written whole
+    assert [r["request_id"] for r in read_results(outdir)] == ["r0", "r1", "r2"]
+    log.close()
+    assert dot_files(outdir) == {LOCK}
+
+
 # --- several processes -----------------------------------------------------------------
 
 
-def commit_many(directory: str, proc: int, count: int, barrier: Barrier) -> None:
+def commit_many(directory: str, proc: int, count: int, barrier: Barrier, ahead: bool) -> None:
     """Run in a child: commit `count` outcomes one by one; image ids clash across children."""
+    if ahead:
+        output.WRITE_AHEAD_MIN_BYTES = 0
     out, log = open_log(Path(directory))
     barrier.wait(timeout=60)
     for i in range(count):
@@ -579,13 +668,14 @@ def commit_many(directory: str, proc: int, count: int, barrier: Barrier) -> None
     log.close()
 
 
-def test_two_processes_share_one_directory(outdir: Path) -> None:
+@pytest.mark.parametrize("ahead", [False, True], ids=["whole", "written-ahead"])
+def test_two_processes_share_one_directory(outdir: Path, ahead: bool) -> None:
     count = 200
     outdir.mkdir()
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
     procs = [
-        ctx.Process(target=commit_many, args=(str(outdir), proc, count, barrier))
+        ctx.Process(target=commit_many, args=(str(outdir), proc, count, barrier, ahead))
         for proc in range(2)
     ]
     for p in procs:
