@@ -3,10 +3,8 @@ subprocess, results.json read back, /dev/shm page size, and the seed module's de
 
 from __future__ import annotations
 
-import _posixshmem
 import contextlib
 import json
-import mmap
 import os
 import signal
 import subprocess
@@ -21,10 +19,12 @@ from typing import NamedTuple
 
 import numpy as np
 import redis
-import simplejpeg
 
 from returner import frames
 from returner.demo import put_frame, task_message
+from returner.encode import JpegOptions, encode
+from returner.output import write_durably
+from returner.task import Task
 from tests.conftest import wait_for
 
 SHAPE = (1448, 1024, 3)
@@ -181,30 +181,19 @@ def measure(work: Callable[[int], object], count: int, threads: int) -> Measured
 def stripped_loop(frame: np.ndarray, count: int, output_dir: Path | None = None) -> Measured:
     """The least any design must do per frame, one thread per core, no Redis and no
     results: map the segment, encode from it, unmap, unlink. With `output_dir`, each JPEG
-    is also written to a temp file, fsynced and renamed, in line (the issue's
-    "stripped-down" loop). The segments are made beforehand, untimed."""
+    is also written to a temp file, fsynced and renamed, in line. The service's own
+    primitives do each step; the segments are made beforehand, untimed."""
     names = [put_frame(frame) for _ in range(count)]
+    height, width, channels = frame.shape
 
     def one(i: int) -> None:
-        fd = _posixshmem.shm_open("/" + names[i], os.O_RDONLY, 0)
-        try:
-            mapping = mmap.mmap(fd, frame.nbytes, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        view = np.frombuffer(mapping, np.uint8).reshape(frame.shape)
-        data = simplejpeg.encode_jpeg(view, 80, "RGB", "420")
-        del view
-        mapping.close()
+        task = Task("bench", f"img_{i}", names[i], height, width, channels, "RGB")
+        data = frames.with_frame(task, lambda view: encode(view, "RGB", JpegOptions()))
         if output_dir is not None:
             temp = output_dir / f".{i}.tmp"
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_durably(temp, data)
             os.rename(temp, output_dir / f"{i}.jpg")
-        _posixshmem.shm_unlink("/" + names[i])
+        frames.unlink(names[i])
 
     try:
         return measure(one, count, os.cpu_count() or 1)
