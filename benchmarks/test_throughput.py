@@ -1,9 +1,10 @@
 """End-to-end throughput of `returner run` against the encode-only ceiling and the seed
 module's design, all measured in this one run, on 1448x1024 RGB frames (q80, 4:2:0).
 
-Two stripped-down loops bound what any design can reach on this machine: "shm floor"
-maps, encodes, unmaps and unlinks each frame (what the ceiling leaves out and no
-service can avoid); "durable floor" also writes, fsyncs and renames each JPEG in line.
+Two stripped-down loops measure what the service's unavoidable work costs on this
+machine: "shm floor" maps, encodes, unmaps and unlinks each frame (what the ceiling
+leaves out and no service can avoid); "durable floor" also writes, fsyncs and renames
+each JPEG in line. Both report the machine's CPU per frame.
 
 Rates are taken between the first and the last completion in results.json, so
 process start-up is not counted. The ceiling is measured first and last, and the
@@ -26,7 +27,7 @@ from benchmarks import harness
 SERVICE_FRAMES = 1200
 STRIPPED_FRAMES = 600
 ORIGINAL_FRAMES = {0: 300, 20_000: 40, 90_000: 8}
-# Empty, the issue's 20k, and a results.json near its rotation at the default
+# Empty, 20,000 earlier results, and a results.json near its rotation at the default
 # RESULTS_MAX_ENTRIES (100,000), where every commit rewrites the most.
 HISTORIES = (0, 20_000, 90_000)
 
@@ -88,8 +89,9 @@ def test_throughput(pages: str, benchmark, bench_redis, page_frame, tmp_path: Pa
         report(f"{name} [{pages} pages]", loop.rate, "frames/s")
         report(f"{name}/ceiling [{pages} pages]", loop.rate / top, "x")
         report(f"{name} cpu [{pages} pages]", loop.cpu_ms, "ms/frame")
-    # What the durable loop would reach with its disk waits overlapped: no design that
-    # fsyncs each JPEG and unlinks each segment can go faster on this machine.
+    # What the durable loop would reach with its disk waits overlapped and both cores
+    # busy: an estimate of the best a design that fsyncs each JPEG and unlinks each
+    # segment can do here (its in-line waits cost the loop some CPU of their own).
     bound = loops["durable floor"].cpu_bound
     report(f"durable cpu bound [{pages} pages]", bound, "frames/s")
     report(f"durable cpu bound/ceiling [{pages} pages]", bound / top, "x")
