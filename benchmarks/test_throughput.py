@@ -91,7 +91,7 @@ def test_throughput(pages: str, benchmark, bench_redis, page_frame, tmp_path: Pa
         report(f"{name} cpu [{pages} pages]", loop.cpu_ms, "ms/frame")
     # What the durable loop would reach with its disk waits overlapped and both cores
     # busy: an estimate of the best a design that fsyncs each JPEG and unlinks each
-    # segment can do here (its in-line waits cost the loop some CPU of their own).
+    # segment can do here.
     bound = loops["durable floor"].cpu_bound
     report(f"durable cpu bound [{pages} pages]", bound, "frames/s")
     report(f"durable cpu bound/ceiling [{pages} pages]", bound / top, "x")
