@@ -383,11 +383,19 @@ class ResultsLog:
                 write_durably(temp, b"[\n", self._body, b"\n]\n")
             else:
                 write_durably(temp, b"[]\n")
+        # The rename frees the replaced file's pages, megabytes late in a cycle, unless
+        # something still holds it open: hold it, and let the log's thread close it.
+        replaced: int | None = None
+        with contextlib.suppress(OSError):
+            replaced = os.open(self.path, os.O_RDONLY)
         try:
             os.rename(temp, self.path)
         except OSError:
             self.out.discard(temp)
             raise
+        finally:
+            if replaced is not None:
+                self._ahead.submit(os.close, replaced)
         fsync_dir(self.out.path)
         st = os.stat(self.path)
         self._seen = (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -634,6 +635,34 @@ def test_results_written_ahead_survive_rotations(outdir: Path) -> None:
     for log in (log_a, log_b):
         log.close()
     assert dot_files(outdir) == {LOCK}
+
+
+def open_files_in(directory: Path) -> list[str]:
+    """What this process holds open in `directory` (deleted files included)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(directory)):
+                held.append(target)
+    return held
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["whole", "written-ahead"])
+def test_replaced_results_files_are_not_held_open(
+    outdir: Path, monkeypatch: pytest.MonkeyPatch, ahead: bool
+) -> None:
+    if ahead:
+        monkeypatch.setattr(output, "WRITE_AHEAD_MIN_BYTES", 0)
+    out, log = open_log(outdir)
+    for n in range(5):
+        log.commit([completed(out, f"r{n}", f"i{n}")])
+    log._ahead.submit(lambda: None).result()  # what the log's thread had to do is done
+    held = open_files_in(outdir)
+    assert all(name.endswith(LOCK) or ".tmp" in name for name in held), held
+    assert len(held) == 1 + ahead  # the lock file, and the next version being prepared
+    log.close()
+    assert open_files_in(outdir) == []
 
 
 @pytest.mark.usefixtures("ahead")
