@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -96,21 +96,29 @@ def _write_all(fd: int, chunks: Iterable[bytes | bytearray]) -> None:
             view = view[os.write(fd, view) :]
 
 
-def write_durably(path: Path, *chunks: bytes | bytearray) -> None:
-    """Create `path` (a new dot-file) with the chunks and fsync it. Raises DiskError."""
+def _create(path: Path, chunks: Iterable[bytes | bytearray], sync: Callable[[int], None]) -> int:
+    """Create `path` (a new dot-file) with the chunks and `sync` it; its descriptor, open.
+
+    Raises DiskError, saying which step failed; a file it created is removed first.
+    """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as exc:
         raise _disk_error(f"creating {path.name}", exc) from exc
     try:
         _write_all(fd, chunks)
-        os.fsync(fd)
+        sync(fd)
     except OSError as exc:
+        os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise _disk_error(f"writing {path.name}", exc) from exc
-    finally:
-        os.close(fd)
+    return fd
+
+
+def write_durably(path: Path, *chunks: bytes | bytearray) -> None:
+    """Create `path` (a new dot-file) with the chunks and fsync it. Raises DiskError."""
+    os.close(_create(path, chunks, os.fsync))
 
 
 class OutputDir:
@@ -161,20 +169,6 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _start_ahead(path: Path, body: bytes) -> int:
-    """Create `path` holding `[` and `body`, flushed to disk; returns its open descriptor."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        _write_all(fd, (b"[\n", body))
-        os.fdatasync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
-    return fd
 
 
 @dataclass
@@ -343,7 +337,7 @@ class ResultsLog:
         """Start writing the next results.json, up to the entries it already holds."""
         if self._count and len(self._body) >= WRITE_AHEAD_MIN_BYTES:
             temp, body = self.out.temp_path(), bytes(self._body)
-            future = self._ahead.submit(_start_ahead, temp, body)
+            future = self._ahead.submit(_create, temp, (b"[\n", body), os.fdatasync)
             self._draft = _Draft(temp, self._generation, len(body), future)
 
     def _drop_draft(self) -> None:
@@ -362,7 +356,7 @@ class ResultsLog:
             return None
         try:
             fd = draft.fd.result()
-        except OSError:
+        except DiskError:
             return None  # written whole instead (where a failing disk fails again)
         try:
             _write_all(fd, (self._body[draft.length :], b"\n]\n"))

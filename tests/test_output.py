@@ -672,14 +672,21 @@ def test_a_draft_that_could_not_be_written_falls_back_to_a_whole_write(
     out, log = open_log(outdir)
     log.commit([completed(out, "r0", "i0")])
 
-    def failing(path: Path, body: bytes) -> int:
-        raise OSError(28, "No space left on device")
+    real_create = output._create
+    failed_drafts: list[str] = []
 
-    monkeypatch.setattr(output, "_start_ahead", failing)
+    def failing_drafts(path: Path, chunks: Any, sync: Any) -> int:
+        if sync is os.fdatasync:  # the draft's, not the whole write's
+            failed_drafts.append(path.name)
+            raise DiskError(f"writing {path.name}: No space left on device")
+        return real_create(path, chunks, sync)
+
+    monkeypatch.setattr(output, "_create", failing_drafts)
     log.commit([completed(out, "r1", "i1")])  # the draft was good: used
     log.commit([completed(out, "r2", "i2")])  # this one's draft failed: written whole
     assert [r["request_id"] for r in read_results(outdir)] == ["r0", "r1", "r2"]
     log.close()
+    assert len(failed_drafts) == 2  # the drafts after r1 and after r2
     assert dot_files(outdir) == {LOCK}
 
 
