@@ -4,6 +4,8 @@ Every node is a `redis-server --cluster-enabled yes` child process in a temporar
 directory. The cluster is formed the way `redis-cli --cluster create` does it: CLUSTER
 MEET, CLUSTER ADDSLOTS (explicit slot lists, so Redis 6.2 works too) and CLUSTER
 REPLICATE, each step followed by polling until every node agrees.
+
+`services` gives a test `returner run` subprocesses that are all killed when it ends.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from tests.conftest import server_binaries, server_version, wait_for
+from tests.e2e.conftest import Service
 
 SLOTS = 16384
 NODE_TIMEOUT_MS = 1000  # PFAIL after 1 s, so a failover takes a few seconds, not 15+
@@ -409,3 +412,30 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
 def redis_cluster_replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """3 masters with 1 replica each, fresh per test: tests may kill nodes."""
     yield from _started(tmp_path_factory.mktemp("cluster-r"), masters=3, replicas=1)
+
+
+class Services:
+    """`returner run` subprocesses of one test, each with its own log; all killed at close."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[Service] = []
+
+    def __call__(self, env: dict[str, str]) -> Service:
+        log = self.directory / f"service-{len(self.started)}.log"
+        service = Service(env, self.directory, log)
+        self.started.append(service)
+        return service
+
+    def close(self) -> None:
+        for service in self.started:
+            if service.proc is not None and service.alive():
+                service.proc.kill()
+                service.proc.wait()
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Services]:
+    made = Services(tmp_path)
+    yield made
+    made.close()

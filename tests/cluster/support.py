@@ -65,26 +65,6 @@ def cluster_env(url: str, queue: str, output_dir: Path, **settings: Any) -> dict
     return base_env(**{k: v for k, v in values.items() if v is not None})
 
 
-class Services:
-    """`returner run` subprocesses of one test, each with its own log; all killed at close."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.started: list[Service] = []
-
-    def __call__(self, env: dict[str, str]) -> Service:
-        log = self.directory / f"service-{len(self.started)}.log"
-        service = Service(env, self.directory, log)
-        self.started.append(service)
-        return service
-
-    def close(self) -> None:
-        for service in self.started:
-            if service.proc is not None and service.alive():
-                service.proc.kill()
-                service.proc.wait()
-
-
 def push(client: redis.Redis | redis.RedisCluster, queue: str, messages: Iterable[bytes]) -> None:
     """RPUSH each message, one command per task, as the renderer does."""
     for message in messages:

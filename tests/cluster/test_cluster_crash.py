@@ -7,14 +7,12 @@ written, and at the instant results.json is replaced, before the ack)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.cluster.conftest import Cluster
+from tests.cluster.conftest import Cluster, Services
 from tests.cluster.support import (
-    Services,
     cluster_env,
     fresh_queue,
     not_owner,
@@ -32,13 +30,6 @@ TASKS = 400
 KILLS = 4
 MODES = ("temp", "commit")  # mid-batch: files being written; committed but not acked
 SEED = 4242
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[Services]:
-    made = Services(tmp_path)
-    yield made
-    made.close()
 
 
 @pytest.mark.timeout(180)

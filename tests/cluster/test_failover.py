@@ -23,7 +23,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,9 +32,8 @@ import pytest
 import redis
 from redis.connection import Connection
 
-from tests.cluster.conftest import Cluster, Node
+from tests.cluster.conftest import Cluster, Node, Services
 from tests.cluster.support import (
-    Services,
     cluster_env,
     free_port,
     fresh_queue,
@@ -184,13 +182,6 @@ class Figures:
     drained: bool  # list, stream and pending all empty once the returner was done
     waiting_at_kill: int  # tasks in the list just before the kill
     pending_at_kill: int  # entries the returner held just before the kill
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[Services]:
-    made = Services(tmp_path)
-    yield made
-    made.close()
 
 
 @pytest.mark.timeout(150)

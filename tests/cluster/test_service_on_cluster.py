@@ -6,7 +6,6 @@ forced."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,9 @@ import pytest
 import simplejpeg
 
 from returner.stream import Keys, Server, Stream
-from tests.cluster.conftest import Cluster
+from tests.cluster.conftest import Cluster, Services
 from tests.cluster.support import (
     GROUP,
-    Services,
     cluster_env,
     free_port,
     fresh_queue,
@@ -34,13 +32,6 @@ from tests.e2e.test_run import results_count
 
 SHAPE = (96, 128, 3)
 CLUSTER_MODE = {"auto": None, "forced": "true"}
-
-
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[Services]:
-    made = Services(tmp_path)
-    yield made
-    made.close()
 
 
 @pytest.mark.parametrize(
