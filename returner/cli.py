@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,7 +24,7 @@ from returner import __version__, demo, logs
 from returner.embedded import EmbeddedRedis
 from returner.errors import ReturnerError, SettingsError
 from returner.metrics import Checks, Health, Metrics, MetricsServer
-from returner.output import results_counts
+from returner.results import Store
 from returner.settings import Settings, load_settings
 from returner.stream import Replication, Server, Stream, translated
 from returner.supervisor import Supervisor, report_health
@@ -129,7 +130,13 @@ def run(
     stuck_after_ms: Annotated[int | None, typer.Option(help="STUCK_AFTER_MS.")] = None,
     max_deliveries: Annotated[int | None, typer.Option(help="MAX_DELIVERIES.")] = None,
     max_pixels: Annotated[int | None, typer.Option(help="MAX_PIXELS.")] = None,
-    results_max_entries: Annotated[int | None, typer.Option(help="RESULTS_MAX_ENTRIES.")] = None,
+    output_layout: Annotated[str | None, typer.Option(help="OUTPUT_LAYOUT: flat or daily.")] = None,
+    results_json_entries: Annotated[
+        int | None, typer.Option(help="RESULTS_JSON_ENTRIES (0: no results.json).")
+    ] = None,
+    results_retention_days: Annotated[
+        int | None, typer.Option(help="RESULTS_RETENTION_DAYS (0 keeps every record).")
+    ] = None,
     metrics_host: Annotated[str | None, typer.Option(help="METRICS_HOST.")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="METRICS_PORT (0 disables).")] = None,
     encoder_threads: Annotated[int | None, typer.Option(help="ENCODER_THREADS.")] = None,
@@ -441,12 +448,20 @@ def show_status(report: dict[str, Any]) -> None:
     console.print(f"dead letters: {report['dead_letters']}")
     for e in report["last_errors"]:
         console.print(f"  {e['id']}  {e['request_id']}/{e['image_id']}: {e['error']}", markup=False)
-    results = report["results"]
-    console.print(f"results: {results['current']} in results.json, {results['total']} in all")
+    records = report["results"]["records"]
+    console.print(f"results: {'no store yet' if records is None else f'{records} records'}")
 
 
-def count_results(output_dir: Path) -> dict[str, int]:
-    return dict(zip(("current", "total"), results_counts(output_dir), strict=True))
+def count_results(output_dir: Path) -> dict[str, int | None]:
+    """Records in the store of OUTPUT_DIR; None when there is no store yet."""
+    try:
+        store = Store(output_dir, create=False)
+    except ReturnerError:
+        return {"records": None}
+    try:
+        return {"records": store.counts()["total"]}
+    finally:
+        store.close()
 
 
 @app.command("demo")
@@ -467,6 +482,97 @@ def demo_cmd(
         except ReturnerError as exc:
             raise fail(str(exc), 1) from None
     typer.echo(f"pushed {len(names)} frames onto {settings.hosting_tasks_queue}")
+
+
+results_app = typer.Typer(
+    no_args_is_help=True, help="Read the results store: one task's records, or an export."
+)
+app.add_typer(results_app, name="results")
+
+
+@contextlib.contextmanager
+def open_store(output_dir: Path | None) -> Iterator[Store]:
+    settings = settings_from(output_dir=output_dir, log_level="WARNING")
+    try:
+        store = Store(settings.output_dir, create=False)
+    except ReturnerError:
+        raise fail(f"no results store in {settings.output_dir} (OUTPUT_DIR)", 1) from None
+    try:
+        yield store
+    except ReturnerError as exc:
+        raise fail(str(exc), 1) from None
+    finally:
+        store.close()
+
+
+@results_app.command("get")
+def results_get(
+    request_id: Annotated[str, typer.Argument(help="The task's request_id.")],
+    image_id: Annotated[str | None, typer.Argument(help="Only this image of it.")] = None,
+    output_dir: OutputDirOpt = None,
+) -> None:
+    """Print the records of a request (or of one image of it) as a JSON array, oldest
+    first; exit 1 when there are none.
+
+    Example: returner results get req_001 image_001
+    """
+    with open_store(output_dir) as store:
+        records = store.get(request_id, image_id)
+    typer.echo(json.dumps(records, indent=2, ensure_ascii=False))
+    if not records:
+        raise typer.Exit(1)
+
+
+def iso_bound(value: str | None, name: str) -> str | None:
+    """An ISO-8601 time as the store writes it (UTC); no offset means UTC."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise fail(f"{name}: not an ISO-8601 time (got {value!r})") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+@results_app.command("export")
+def results_export(
+    since: Annotated[str | None, typer.Option(help="From this ISO-8601 time on.")] = None,
+    until: Annotated[str | None, typer.Option(help="Before this ISO-8601 time.")] = None,
+    request_id: Annotated[str | None, typer.Option(help="Only this request_id.")] = None,
+    status: Annotated[str | None, typer.Option(help="Only completed or failed records.")] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="json (one array) or jsonl (an object a line).")
+    ] = "json",
+    output_dir: OutputDirOpt = None,
+) -> None:
+    """Write records to standard output, oldest first, streaming (constant memory).
+
+    Example: returner results export --since 2026-11-30 --status failed --format jsonl
+    """
+    if fmt not in ("json", "jsonl"):
+        raise fail(f"--format: json or jsonl (got {fmt!r})")
+    if status not in (None, "completed", "failed"):
+        raise fail(f"--status: completed or failed (got {status!r})")
+    bounds = iso_bound(since, "--since"), iso_bound(until, "--until")
+    with open_store(output_dir) as store:
+        records = store.export(*bounds, request_id=request_id, status=status)
+        write_records(records, fmt == "jsonl")
+
+
+def write_records(records: Iterator[dict[str, Any]], lines: bool) -> None:
+    out = sys.stdout
+    first = True
+    if not lines:
+        out.write("[")
+    for record in records:
+        text = json.dumps(record, ensure_ascii=False)
+        out.write(text + "\n" if lines else ("\n" if first else ",\n") + text)
+        first = False
+    if not lines:
+        out.write("]\n" if first else "\n]\n")
+    out.flush()
 
 
 @app.command()

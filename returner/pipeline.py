@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from returner import frames
 from returner.encode import JpegOptions, encode
 from returner.errors import DiskError, PermanentError, TransientError
-from returner.output import OutputDir, ResultsLog
+from returner.output import Results
 from returner.task import Entry, Kind, Outcome, Rules, name_problem, parse_task, read_ids
 
 log = logging.getLogger(__name__)
@@ -39,15 +39,14 @@ class Pipeline:
 
     def __init__(
         self,
-        out: OutputDir,
-        results: ResultsLog,
+        results: Results,
         rules: Rules,
         jpeg: JpegOptions,
         max_deliveries: int,
         encoder_threads: int,
         crash_on: frozenset[str] = frozenset(),
     ) -> None:
-        self.out, self.results, self.rules, self.jpeg = out, results, rules, jpeg
+        self.results, self.rules, self.jpeg = results, rules, jpeg
         self.max_deliveries = max_deliveries
         self.crash_on = crash_on
         self.encoders = ThreadPoolExecutor(encoder_threads, thread_name_prefix="encode")
@@ -96,7 +95,7 @@ class Pipeline:
         assert outcome.data is not None
         started = time.perf_counter()
         try:
-            outcome.temp_path = self.out.write_jpeg(outcome.data)
+            outcome.temp_path = self.results.out.write_jpeg(outcome.data)
             outcome.kind, outcome.size = Kind.COMPLETED, len(outcome.data)
         except DiskError as exc:
             outcome.error, outcome.disk_error = str(exc), True
@@ -111,7 +110,12 @@ class Pipeline:
         """Decide one delivery's outcome; a frame to save comes back encoded in `data`."""
         rid, iid, shm_name = read_ids(entry.task)
         outcome = Outcome(entry, Kind.RETRY, rid, iid)
-        if self.results.is_completed(outcome.key):
+        try:
+            duplicate = self.results.is_completed(outcome.key)
+        except DiskError as exc:
+            outcome.error, outcome.disk_error = str(exc), True
+            return outcome
+        if duplicate:
             outcome.kind, outcome.shm_name = Kind.DUPLICATE, self._safe(shm_name)
             return outcome
         if entry.deliveries > self.max_deliveries:

@@ -25,6 +25,9 @@ def default_consumer_name() -> str:
     return socket.gethostname() or "returner"
 
 
+_CASED = ("log_level", "jpeg_subsampling", "channel_order", "log_format", "output_layout")
+
+
 class Settings(BaseSettings):
     """Every setting of the service; see the README's settings table."""
 
@@ -50,7 +53,11 @@ class Settings(BaseSettings):
     stuck_after_ms: int = Field(default=120_000, ge=1_000, alias="STUCK_AFTER_MS")
     max_deliveries: int = Field(default=5, ge=1, alias="MAX_DELIVERIES")
     max_pixels: int = Field(default=100_000_000, ge=1, alias="MAX_PIXELS")
-    results_max_entries: int = Field(default=100_000, ge=1, alias="RESULTS_MAX_ENTRIES")
+    output_layout: Literal["flat", "daily"] = Field(default="flat", alias="OUTPUT_LAYOUT")
+    results_json_entries: int = Field(
+        default=1000, ge=0, le=1_000_000, alias="RESULTS_JSON_ENTRIES"
+    )
+    results_retention_days: int = Field(default=30, ge=0, alias="RESULTS_RETENTION_DAYS")
     metrics_host: str = Field(default="127.0.0.1", alias="METRICS_HOST")
     metrics_port: int = Field(default=9108, ge=0, le=65535, alias="METRICS_PORT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
@@ -95,12 +102,20 @@ class Settings(BaseSettings):
             raise ValueError(f"not a regular expression: {exc}") from None
         return value
 
-    @field_validator("log_level", "jpeg_subsampling", "channel_order", "log_format", mode="before")
+    @field_validator(
+        "log_level",
+        "jpeg_subsampling",
+        "channel_order",
+        "log_format",
+        "output_layout",
+        mode="before",
+    )
     @classmethod
     def _normalise_case(cls, value: Any) -> Any:
         if not isinstance(value, str):
             return value
-        return value.lower() if value.lower() in ("text", "json") else value.upper()
+        lower = ("text", "json", "flat", "daily")
+        return value.lower() if value.lower() in lower else value.upper()
 
     @field_validator("redis_url", mode="before")
     @classmethod

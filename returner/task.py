@@ -75,7 +75,16 @@ def read_ids(raw: bytes) -> tuple[str | None, str | None, str | None]:
 
 
 def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, str) and _is_text(value) else None
+
+
+def _is_text(value: str) -> bool:
+    """Whether `value` is valid Unicode text (JSON can carry lone surrogates; UTF-8 cannot)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_task(raw: bytes, rules: Rules) -> Task:
@@ -86,6 +95,8 @@ def parse_task(raw: bytes, rules: Rules) -> Task:
         raise BadTask(_describe(exc)) from None
     if not msg.request_id or not msg.image_id:
         raise BadTask("request_id and image_id must not be empty")
+    if not (_is_text(msg.request_id) and _is_text(msg.image_id)):
+        raise BadTask("request_id and image_id must be valid Unicode text")
     info = msg.shm_info
     _check_name(info.shm_name, rules.shm_name_pattern)
     if info.dtype != "uint8":
@@ -196,9 +207,7 @@ class Outcome:
     shm_name: str | None = None  # a segment to unlink once the outcome is durable
     data: bytes | None = None  # the encoded JPEG, until it is written
     temp_path: Path | None = None  # encoded JPEG, fsynced, waiting for its final name
-    file_path: Path | None = None  # final name once committed
     disk_error: bool = False  # a RETRY caused by the output disk: pause the worker
-    released: bool = False  # the segment was unlinked
     size: int = 0  # JPEG bytes written
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
@@ -208,15 +217,12 @@ class Outcome:
             return None
         return self.request_id, self.image_id
 
-    def as_record(self, timestamp: str) -> dict[str, Any]:
-        """The results.json object for this outcome (completed or failed)."""
-        record: dict[str, Any] = {
-            "timestamp": timestamp,
-            "request_id": self.request_id,
-            "image_id": self.image_id,
-            "file_path": str(self.file_path) if self.file_path else None,
-            "status": "completed" if self.kind is Kind.COMPLETED else "failed",
-        }
-        if self.kind is not Kind.COMPLETED:
-            record["error"] = self.error or "failed"
-        return record
+
+@dataclass(frozen=True)
+class Decision:
+    """What committing an outcome decided: how it settles, and the JPEG it recorded
+    (for a duplicate, the one recorded before)."""
+
+    outcome: Outcome
+    kind: Kind
+    file_path: Path | None = None

@@ -21,11 +21,11 @@ from typing import TypeVar
 from returner.encode import JpegOptions
 from returner.errors import DiskError, RedisUnavailable
 from returner.metrics import Health, Metrics
-from returner.output import OutputDir, ResultsLog
+from returner.output import Results, discard
 from returner.pipeline import Flight, Pipeline
 from returner.settings import Settings
 from returner.stream import Stream
-from returner.task import Entry, Kind, Outcome, Rules
+from returner.task import Decision, Entry, Kind, Outcome, Rules
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,15 +94,18 @@ class Worker:
         self.metrics = metrics
         self.stop = stop
         self.health = health or Health()
-        self.out = OutputDir(settings.output_dir)
-        self.results = ResultsLog(self.out, settings.results_max_entries)
+        self.results = Results(
+            settings.output_dir,
+            settings.output_layout,
+            settings.results_json_entries,
+            settings.results_retention_days,
+        )
         rules = Rules(
             re.compile(settings.shm_name_pattern), settings.max_pixels, settings.channel_order
         )
         jpeg = JpegOptions(settings.jpeg_quality, settings.jpeg_subsampling)
         crash_on = frozenset(filter(None, settings.crash_on_image_ids.split(",")))
         self.pipeline = Pipeline(
-            self.out,
             self.results,
             rules,
             jpeg,
@@ -142,7 +145,7 @@ class Worker:
         """Drop work that cannot be settled now; it stays pending in Redis."""
         for flight in flights:
             for outcome in self.pipeline.collect(flight, HEARTBEAT_S, lambda _: None):
-                self.out.discard(outcome.temp_path)
+                discard(outcome.temp_path)
 
     def start(self) -> None:
         """Load the results and join the group, waiting for Redis as long as it takes."""
@@ -212,11 +215,11 @@ class Worker:
 
     def land(self, flight: Flight, flights: deque[Flight]) -> None:
         """Settle a finished flight; on a failing disk, drain the rest and retry them all."""
-        retry = [o for o in self.settle(self.collect(flight)) if o.disk_error]
+        retry = self.settle(self.collect(flight))
         if retry:
             while flights:
-                retry += [o for o in self.settle(self.collect(flights.popleft())) if o.disk_error]
-            self.handle([o.entry for o in retry])
+                retry += self.settle(self.collect(flights.popleft()))
+            self.handle(retry)
         self.health.holding(bool(flights))
 
     def next_batch(self, wait: bool = True) -> list[Entry]:
@@ -321,8 +324,7 @@ class Worker:
         self.health.holding(True)
         try:
             while todo:
-                retry = self.settle(self.collect(self.pipeline.submit(todo)))
-                todo = [o.entry for o in retry if o.disk_error]
+                todo = self.settle(self.collect(self.pipeline.submit(todo)))
                 if todo and not self.pause(todo, backoff):
                     return
         finally:
@@ -340,38 +342,40 @@ class Worker:
 
     # -- settling ---------------------------------------------------------------------
 
-    def settle(self, outcomes: list[Outcome]) -> list[Outcome]:
-        """Commit, release segments, then ack or dead-letter. Returns what must be retried."""
+    def settle(self, outcomes: list[Outcome]) -> list[Entry]:
+        """Commit, release segments, then ack or dead-letter.
+
+        Returns the entries to process again once the output disk works.
+        """
         started = time.perf_counter()
         try:
-            self.results.commit(outcomes)
+            decisions = self.results.commit(outcomes)
         except DiskError as exc:
             self.metrics.errors.labels(kind="disk").inc()
             log.error("cannot commit results: %s", exc)
-            for outcome in outcomes:
-                self.out.discard(outcome.temp_path)
-                outcome.kind, outcome.temp_path, outcome.disk_error = Kind.RETRY, None, True
-            return outcomes
+            return [o.entry for o in outcomes]
         committed = time.perf_counter()
         self.metrics.stage.labels(stage="commit").observe(committed - started)
-        releasing = [o for o in outcomes if o.shm_name and o.kind is not Kind.RETRY]
-        released = self.pipeline.release([o.shm_name for o in releasing])  # type: ignore[misc]
-        for outcome, freed in zip(releasing, released, strict=True):
-            outcome.released = freed
-        self._acknowledge(outcomes)
+        releasing = [
+            d.outcome for d in decisions if d.outcome.shm_name and d.kind is not Kind.RETRY
+        ]
+        freed = self.pipeline.release([o.shm_name for o in releasing])  # type: ignore[misc]
+        released = {o.entry.id for o, ok in zip(releasing, freed, strict=True) if ok}
+        self._acknowledge(decisions, released)
         self.metrics.stage.labels(stage="ack").observe(time.perf_counter() - committed)
         self.health.progressed()
-        return [o for o in outcomes if o.kind is Kind.RETRY]
+        return [d.outcome.entry for d in decisions if d.kind is Kind.RETRY and d.outcome.disk_error]
 
-    def _acknowledge(self, outcomes: list[Outcome]) -> None:
-        done = [o for o in outcomes if o.kind in (Kind.COMPLETED, Kind.DUPLICATE)]
-        self.call_redis(lambda: self.stream.ack([o.entry.id for o in done]))
-        for outcome in done:
-            self._report(outcome)
-        for outcome in outcomes:
-            if outcome.kind in (Kind.FAILED, Kind.DEAD_LETTERED):
-                self._dead_letter(outcome)
-            elif outcome.kind is Kind.RETRY and not outcome.disk_error:
+    def _acknowledge(self, decisions: list[Decision], released: set[str]) -> None:
+        done = [d for d in decisions if d.kind in (Kind.COMPLETED, Kind.DUPLICATE)]
+        self.call_redis(lambda: self.stream.ack([d.outcome.entry.id for d in done]))
+        for decision in done:
+            self._report(decision, released)
+        for decision in decisions:
+            outcome = decision.outcome
+            if decision.kind in (Kind.FAILED, Kind.DEAD_LETTERED):
+                self._dead_letter(decision, released)
+            elif decision.kind is Kind.RETRY and not outcome.disk_error:
                 self.metrics.errors.labels(kind="task").inc()
                 log.warning(
                     "task %s/%s left pending: %s",
@@ -380,26 +384,29 @@ class Worker:
                     outcome.error,
                 )
 
-    def _dead_letter(self, outcome: Outcome) -> None:
+    def _dead_letter(self, decision: Decision, released: set[str]) -> None:
+        outcome = decision.outcome
         extra = {"request_id": outcome.request_id or "", "image_id": outcome.image_id or ""}
         self.call_redis(
             lambda: self.stream.dead_letter(outcome.entry, outcome.error or "failed", extra)
         )
-        self._report(outcome)
+        self._report(decision, released)
 
-    def _report(self, outcome: Outcome) -> None:
-        kind, entry = outcome.kind, outcome.entry
+    def _report(self, decision: Decision, released: set[str]) -> None:
+        outcome, kind = decision.outcome, decision.kind
+        entry = outcome.entry
         latency = max(0.0, time.time() - entry.millis / 1000)
         self.tally.add(kind)
         self.metrics.tasks.labels(outcome=kind.value).inc()
         self.metrics.duration.observe(latency)
         self.metrics.deliveries.observe(entry.deliveries)
-        self.metrics.bytes_written.inc(outcome.size)
+        if kind is Kind.COMPLETED:
+            self.metrics.bytes_written.inc(outcome.size)
         for stage, seconds in outcome.timings.items():
             self.metrics.stage.labels(stage=stage).observe(seconds)
-        where = f" -> {outcome.file_path.name}" if outcome.file_path else ""
+        where = f" -> {decision.file_path.name}" if decision.file_path else ""
         why = f": {outcome.error}" if outcome.error else ""
-        freed = ", segment released" if outcome.released else ""
+        freed = ", segment released" if entry.id in released else ""
         fields = {
             "request_id": outcome.request_id,
             "image_id": outcome.image_id,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -20,6 +21,8 @@ import redis
 from returner import frames as shm
 from returner.demo import put_frame, task_message
 from returner.embedded import EmbeddedRedis, redis_server_binary
+from returner.errors import DiskError
+from returner.results import Store
 from returner.settings import Settings
 
 
@@ -165,5 +168,20 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def read_results(output_dir: Path) -> list[dict[str, Any]]:
+    """Every record in the results store of `output_dir`, oldest first ([] before it exists)."""
+    try:
+        store = Store(output_dir, create=False)
+    except DiskError:
+        return []
+    try:
+        return list(store.export())
+    except sqlite3.OperationalError:  # created a moment ago, no tables yet
+        return []
+    finally:
+        store.close()
+
+
+def read_view(output_dir: Path) -> list[dict[str, Any]]:
+    """results.json, the view of the latest records."""
     data: list[dict[str, Any]] = json.loads((output_dir / "results.json").read_bytes())
     return data

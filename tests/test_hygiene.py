@@ -23,7 +23,7 @@ import redis
 
 from returner.errors import DiskError
 from returner.metrics import Metrics
-from returner.output import ResultsLog
+from returner.output import Results
 from returner.settings import Settings
 from returner.stream import Consumer, Keys, Observation, Stream
 from returner.worker import Worker
@@ -206,14 +206,14 @@ def test_a_live_consumer_holding_entries_is_neither_removed_nor_rescued(
     its entries alone, while it does remove a silent consumer meanwhile."""
     disk_down = threading.Event()
     disk_down.set()
-    commit = ResultsLog.commit
+    commit = Results.commit
 
-    def failing_commit(self: ResultsLog, outcomes: Any) -> None:
+    def failing_commit(self: Results, outcomes: Any) -> Any:
         if disk_down.is_set():
             raise DiskError("output disk failing (test)")
-        commit(self, outcomes)
+        return commit(self, outcomes)
 
-    monkeypatch.setattr(ResultsLog, "commit", failing_commit)
+    monkeypatch.setattr(Results, "commit", failing_commit)
     busy = make_settings(CONSUMER_TIMEOUT_MS=TIMEOUT_MS, CONSUMER_NAME="busy")
     queue = busy.hosting_tasks_queue
     join(r, queue, "ghost")  # silent from now on: the clock of this test

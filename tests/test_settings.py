@@ -37,8 +37,8 @@ def test_aliases_cover_the_spec() -> None:
     spec = {
         "REDIS_URL", "HOSTING_TASKS_QUEUE", "OUTPUT_DIR", "SHM_NAME_PATTERN", "JPEG_QUALITY",
         "JPEG_SUBSAMPLING", "CHANNEL_ORDER", "CONSUMER_GROUP", "CONSUMER_NAME",
-        "CLAIM_MIN_IDLE_MS", "MAX_DELIVERIES", "MAX_PIXELS", "RESULTS_MAX_ENTRIES",
-        "METRICS_HOST", "METRICS_PORT", "LOG_LEVEL", "LOG_FORMAT",
+        "CLAIM_MIN_IDLE_MS", "MAX_DELIVERIES", "MAX_PIXELS", "OUTPUT_LAYOUT",
+        "RESULTS_JSON_ENTRIES", "RESULTS_RETENTION_DAYS", "METRICS_HOST", "METRICS_PORT", "LOG_LEVEL", "LOG_FORMAT",
     }
     assert spec <= set(SETTINGS)
 
@@ -54,7 +54,8 @@ def test_defaults() -> None:
     assert s.consumer_group == "returner"
     assert s.claim_min_idle_ms == 60_000
     assert s.max_deliveries == 5
-    assert s.results_max_entries == 100_000
+    assert (s.output_layout, s.results_json_entries, s.results_retention_days) == (
+        "flat", 1000, 30)
     assert s.max_pixels >= 1448 * 1024
     assert s.log_format == "text"
     assert 0 <= s.metrics_port <= 65535
@@ -81,7 +82,8 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         "OUTPUT_DIR": "/srv/frames", "SHM_NAME_PATTERN": r"frame_\d+", "JPEG_QUALITY": "55",
         "JPEG_SUBSAMPLING": "444", "CHANNEL_ORDER": "BGR", "CONSUMER_GROUP": "g",
         "CONSUMER_NAME": "c1", "CLAIM_MIN_IDLE_MS": "1500", "MAX_DELIVERIES": "9",
-        "MAX_PIXELS": "1000", "RESULTS_MAX_ENTRIES": "10", "METRICS_HOST": "0.0.0.0",
+        "MAX_PIXELS": "1000", "RESULTS_JSON_ENTRIES": "10", "METRICS_HOST": "0.0.0.0",
+        "OUTPUT_LAYOUT": "Daily", "RESULTS_RETENTION_DAYS": "0",
         "METRICS_PORT": "0", "LOG_LEVEL": "DEBUG", "LOG_FORMAT": "json",
     }
     for name, value in values.items():
@@ -94,7 +96,8 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.jpeg_quality, s.jpeg_subsampling, s.channel_order) == (55, "444", "BGR")
     assert (s.consumer_group, s.consumer_name) == ("g", "c1")
     assert (s.claim_min_idle_ms, s.max_deliveries, s.max_pixels) == (1500, 9, 1000)
-    assert s.results_max_entries == 10
+    assert (s.output_layout, s.results_json_entries, s.results_retention_days) == (
+        "daily", 10, 0)
     assert (s.metrics_host, s.metrics_port) == ("0.0.0.0", 0)
     assert (s.log_level, s.log_format) == ("DEBUG", "json")
 
@@ -134,7 +137,9 @@ def test_unset_cli_options_do_not_override(monkeypatch: pytest.MonkeyPatch) -> N
         ("JPEG_SUBSAMPLING", "999"), ("METRICS_PORT", "-1"), ("METRICS_PORT", "70000"),
         ("LOG_FORMAT", "xml"), ("LOG_LEVEL", "loud"), ("MAX_DELIVERIES", "0"),
         ("SHM_NAME_PATTERN", "("), ("CHANNEL_ORDER", "YUV"), ("CLAIM_MIN_IDLE_MS", "-5"),
-        ("MAX_PIXELS", "0"), ("RESULTS_MAX_ENTRIES", "0"), ("REDIS_URL", "http://x"),
+        ("MAX_PIXELS", "0"), ("RESULTS_JSON_ENTRIES", "-1"), ("REDIS_URL", "http://x"),
+        ("OUTPUT_LAYOUT", "hourly"), ("RESULTS_RETENTION_DAYS", "-1"),
+        ("RESULTS_JSON_ENTRIES", "2000000"),
         ("WORKERS", "0"),
         ("WORKERS", "257"),
         ("WORKERS", "-1"),

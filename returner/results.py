@@ -1,0 +1,365 @@
+"""The results store: one SQLite database in OUTPUT_DIR, the durable record of every
+outcome and the once-only index.
+
+WAL mode with synchronous=FULL: a commit is fsynced before it returns (NORMAL could lose
+the last commits on power loss), readers never block the writer, and BEGIN IMMEDIATE
+serialises writers across processes. Nothing is held in memory: start-up and a commit
+cost the same with ten records or ten million.
+
+Tables:
+- `records`: one row per outcome, in commit order (`id`). Rows are only ever deleted
+  from the oldest end (retention), so `id` order is commit order and, clock steps
+  aside, timestamp order.
+- `moves`: JPEGs that a committed record names but that may still be at their temp
+  name. A writer inserts them in the transaction that records them, renames the files
+  after the commit, and deletes the rows in its next transaction. Anyone may finish a
+  move (renaming is idempotent), which is how a dead writer's work is completed.
+- `meta`: `imported` once the results files of earlier versions were taken in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from returner.errors import DiskError
+
+log = logging.getLogger(__name__)
+
+STORE = ".results.db"
+FIELDS = ("timestamp", "request_id", "image_id", "file_path", "status", "error", "entry_id")
+# A writer waits this long for another's transaction before calling the disk failing.
+BUSY_TIMEOUT_S = 10.0
+# An upgrade imports everything in one transaction; others wait for it this long.
+IMPORT_WAIT_S = 600.0
+# After a checkpoint the WAL is cut back to this size (it grows during an import).
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
+# Records read per step of an export, and deleted per step of retention.
+EXPORT_STEP, PRUNE_STEP = 1000, 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    timestamp TEXT NOT NULL,
+    request_id TEXT,
+    image_id TEXT,
+    file_path TEXT,
+    status TEXT NOT NULL,
+    error TEXT,
+    entry_id TEXT
+);
+CREATE TABLE IF NOT EXISTS moves (writer TEXT NOT NULL, temp TEXT NOT NULL, final TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+# Built after an import (much faster than keeping it up while inserting).
+_INDEX = "CREATE INDEX IF NOT EXISTS records_key ON records (request_id, image_id)"
+_INSERT = f"INSERT INTO records ({', '.join(FIELDS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_COMPLETED = (
+    "SELECT file_path FROM records WHERE request_id = ? AND image_id = ?"
+    " AND status = 'completed' LIMIT 1"
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row to insert: the fields of a results.json entry plus the stream entry."""
+
+    timestamp: str
+    request_id: str | None
+    image_id: str | None
+    file_path: str | None
+    status: str
+    error: str | None
+    entry_id: str | None
+
+    def row(self) -> tuple[str | None, ...]:
+        return (
+            self.timestamp,
+            self.request_id,
+            self.image_id,
+            self.file_path,
+            self.status,
+            self.error,
+            self.entry_id,
+        )
+
+
+def as_dict(row: Sequence[Any]) -> dict[str, Any]:
+    """A row of FIELDS as the results.json object (`error` only on failed records)."""
+    doc = dict(zip(FIELDS, row, strict=True))
+    if doc["status"] == "completed":
+        del doc["error"]
+    return doc
+
+
+def _select(where: str = "") -> str:
+    return f"SELECT id, {', '.join(FIELDS)} FROM records {where}"
+
+
+def _connect(path: Path, timeout_s: float) -> sqlite3.Connection:
+    # isolation_level=None: transactions are begun and ended here, explicitly.
+    conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
+    return conn
+
+
+def _create(path: Path) -> None:
+    """Create the database file private (0600); SQLite gives its -wal and -shm the same mode."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+
+
+@contextlib.contextmanager
+def translated(action: str) -> Iterator[None]:
+    """SQLite's and the file system's errors become DiskError (the worker pauses)."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        raise DiskError(f"{action}: {exc}") from exc
+
+
+class Store:
+    """The results database of one OUTPUT_DIR; safe to share between processes.
+
+    The connection that writes belongs to one thread at a time; `completed` may be
+    called from any thread (each gets a reading connection of its own).
+    """
+
+    def __init__(self, directory: Path, create: bool = True) -> None:
+        """Open (or with `create`, create) the store of `directory`. Raises DiskError."""
+        self.path = directory / STORE
+        with translated(f"opening {self.path}"):
+            if not create:
+                # mode=rw: an existing store only; a reader never creates or changes one.
+                self.db = sqlite3.connect(
+                    f"file:{self.path}?mode=rw",
+                    uri=True,
+                    timeout=BUSY_TIMEOUT_S,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+            else:
+                _create(self.path)
+                self.db = _connect(self.path, BUSY_TIMEOUT_S)
+                self.db.execute("PRAGMA journal_mode = WAL")
+                self.db.executescript(_SCHEMA)
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        self.db.close()
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path, BUSY_TIMEOUT_S)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    @property
+    def imported(self) -> bool:
+        return self.db.execute("SELECT 1 FROM meta WHERE key = 'imported'").fetchone() is not None
+
+    @contextlib.contextmanager
+    def transaction(self, action: str, conn: sqlite3.Connection | None = None) -> Iterator[Tx]:
+        """BEGIN IMMEDIATE ... COMMIT (durable on return); rolled back on any error.
+
+        Raises DiskError when the database cannot be written (or another writer holds it
+        for longer than BUSY_TIMEOUT_S).
+        """
+        db = conn or self.db
+        with translated(action):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield Tx(db)
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+
+    def completed(self, request_id: str, image_id: str) -> bool:
+        """Whether the task has a completed record (read from any thread). Raises DiskError."""
+        with translated("reading the results store"):
+            return self._reader().execute(_COMPLETED, (request_id, image_id)).fetchone() is not None
+
+    def recent(self, count: int, conn: sqlite3.Connection | None = None) -> list[dict[str, Any]]:
+        """The latest `count` records, oldest first."""
+        rows = (conn or self.db).execute(
+            f"SELECT * FROM ({_select('ORDER BY id DESC LIMIT ?')}) ORDER BY id", (count,)
+        )
+        return [as_dict(row[1:]) for row in rows]
+
+    def get(self, request_id: str, image_id: str | None = None) -> list[dict[str, Any]]:
+        """Every record of a request, or of one image of it, oldest first."""
+        if image_id is None:
+            rows = self.db.execute(_select("WHERE request_id = ? ORDER BY id"), (request_id,))
+        else:
+            rows = self.db.execute(
+                _select("WHERE request_id = ? AND image_id = ? ORDER BY id"), (request_id, image_id)
+            )
+        return [as_dict(row[1:]) for row in rows]
+
+    def export(
+        self,
+        since: str | None = None,
+        until: str | None = None,
+        request_id: str | None = None,
+        status: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Matching records, oldest first, read in steps (constant memory).
+
+        `since` (inclusive) and `until` (exclusive) compare with the ISO timestamps; the
+        first record at or after `since` is found by bisecting `id`, which follows
+        commit order.
+        """
+        conditions, params = ["id > ?"], []
+        if until is not None:
+            conditions.append("timestamp < ?")
+            params.append(until)
+        if request_id is not None:
+            conditions.append("request_id = ?")
+            params.append(request_id)
+        if status is not None:
+            conditions.append("status = ?")
+            params.append(status)
+        query = _select(f"WHERE {' AND '.join(conditions)} ORDER BY id LIMIT {EXPORT_STEP}")
+        after = self._first_at(since) - 1 if since is not None else 0
+        while True:
+            rows = self.db.execute(query, (after, *params)).fetchall()
+            for row in rows:
+                if since is None or row[1] >= since:
+                    yield as_dict(row[1:])
+            if len(rows) < EXPORT_STEP:
+                return
+            after = rows[-1][0]
+
+    def _first_at(self, since: str) -> int:
+        """The smallest id whose record is at or after `since` (bisection over ids)."""
+        low, high = self.db.execute("SELECT min(id), max(id) FROM records").fetchone()
+        if low is None:
+            return 0
+        high += 1
+        while low < high:
+            mid = (low + high) // 2
+            row = self.db.execute(
+                "SELECT id, timestamp FROM records WHERE id >= ? ORDER BY id LIMIT 1", (mid,)
+            ).fetchone()
+            if row is None or row[1] >= since:
+                high = mid
+            else:
+                low = row[0] + 1
+        return int(low)
+
+    def prune(self, before: str, conn: sqlite3.Connection | None = None) -> int:
+        """Delete up to PRUNE_STEP of the oldest records older than `before`; how many."""
+        with self.transaction("pruning old records", conn) as tx:
+            return tx.db.execute(
+                "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE timestamp < ?"
+                " ORDER BY id LIMIT ?)",
+                (before, PRUNE_STEP),
+            ).rowcount
+
+    def references(self, file_path: str) -> bool:
+        """Whether a record names this file (a full scan: for the one-time upgrade)."""
+        row = self.db.execute("SELECT 1 FROM records WHERE file_path = ? LIMIT 1", (file_path,))
+        return row.fetchone() is not None
+
+    def counts(self) -> dict[str, int]:
+        """Records in the store."""
+        (total,) = self.db.execute("SELECT count(*) FROM records").fetchone()
+        return {"total": int(total)}
+
+    def import_records(self, sources: Iterable[tuple[str, list[Any]]]) -> int:
+        """Take in the records of earlier results files, in one transaction, then index.
+
+        `sources` yields (name, parsed JSON array); it runs inside the transaction, so a
+        process killed half way leaves nothing and the next start imports again.
+        """
+        total = 0
+        self.db.execute(f"PRAGMA busy_timeout = {int(IMPORT_WAIT_S * 1000)}")
+        try:
+            with self.transaction("importing earlier results") as tx:
+                if self.imported:  # another process did it while we waited
+                    return 0
+                for name, records in sources:
+                    rows = [legacy_row(r) for r in records if isinstance(r, dict)]
+                    tx.db.executemany(_INSERT, rows)
+                    total += len(rows)
+                    log.info("imported %d records from %s (%d so far)", len(rows), name, total)
+                tx.db.execute(_INDEX)
+                tx.db.execute("INSERT INTO meta VALUES ('imported', datetime('now'))")
+        finally:
+            self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        return total
+
+
+def legacy_row(record: dict[str, Any]) -> tuple[str | None, ...]:
+    """An entry of an earlier results.json as a row (entry_id unknown)."""
+    status = "completed" if record.get("status") == "completed" else "failed"
+    return (
+        _text(record.get("timestamp")) or "",
+        _text(record.get("request_id")),
+        _text(record.get("image_id")),
+        _text(record.get("file_path")),
+        status,
+        None if status == "completed" else _text(record.get("error")) or "failed",
+        None,
+    )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None if value is None else str(value)
+
+
+class Tx:
+    """The statements of one write transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def completed_path(self, request_id: str, image_id: str) -> str | None:
+        """The file of the task's completed record; "" if it has none; None if no record."""
+        row = self.db.execute(_COMPLETED, (request_id, image_id)).fetchone()
+        return None if row is None else row[0] or ""
+
+    def insert(self, record: Record) -> None:
+        self.db.execute(_INSERT, record.row())
+
+    def claimed(self, final: str) -> bool:
+        """Whether a recorded move still targets this path."""
+        return (
+            self.db.execute("SELECT 1 FROM moves WHERE final = ?", (final,)).fetchone() is not None
+        )
+
+    def add_move(self, writer: str, temp: str, final: str) -> None:
+        self.db.execute("INSERT INTO moves VALUES (?, ?, ?)", (writer, temp, final))
+
+    def moves(self, writer: str | None = None, final: str | None = None) -> list[tuple[str, str]]:
+        """(temp, final) of the moves of a writer, or of the move to a path."""
+        if writer is not None:
+            rows = self.db.execute("SELECT temp, final FROM moves WHERE writer = ?", (writer,))
+        else:
+            rows = self.db.execute("SELECT temp, final FROM moves WHERE final = ?", (final,))
+        return [(str(t), str(f)) for t, f in rows]
+
+    def forget_moves(self, writer: str) -> None:
+        self.db.execute("DELETE FROM moves WHERE writer = ?", (writer,))
+
+    def writers(self) -> set[str]:
+        return {str(w) for (w,) in self.db.execute("SELECT DISTINCT writer FROM moves")}
