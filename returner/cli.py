@@ -511,8 +511,7 @@ def results_get(
     image_id: Annotated[str | None, typer.Argument(help="Only this image of it.")] = None,
     output_dir: OutputDirOpt = None,
 ) -> None:
-    """Print the records of a request (or of one image of it) as a JSON array, oldest
-    first; exit 1 when there are none.
+    """Print a request's records (or one image's) as a JSON array; exit 1 if none.
 
     Example: returner results get req_001 image_001
     """

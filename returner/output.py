@@ -317,6 +317,7 @@ class Results:
         duplicate. Raises DiskError: before the commit the batch's JPEGs are removed and
         nothing is recorded; after it, the records stand and a retry finds them completed.
         """
+        placed = self._placed
         try:
             with self.store.transaction("committing results") as tx:
                 if self._placed:
@@ -329,7 +330,7 @@ class Results:
         except DiskError:
             for outcome in outcomes:
                 discard(outcome.temp_path)
-            self._placed = self._placed or not outcomes
+            self._placed = placed  # rolled back: as before
             raise
         self._place([d for d in decisions if d.kind is Kind.COMPLETED])
         self._dirty = True
@@ -428,24 +429,28 @@ class Results:
     def _upgrade(self) -> None:
         """Take in results.json and its archives from earlier versions, once.
 
-        results.json is renamed like an archive first; the import is one transaction,
-        so a process killed half way imports everything again at the next start. The
-        leftovers of the earlier design (its temp files, and JPEGs its lock file names
-        that no record references) are removed.
+        Inside the import's transaction (so that of several processes starting together
+        only one does it), results.json is renamed like an archive, then every archive is
+        read. A process killed half way leaves the store as it was, and the next start
+        imports everything again. The leftovers of the earlier design (its temp files,
+        and JPEGs its lock file names that no record references) are removed.
         """
+        started = time.perf_counter()
+        total = self.store.import_records(self._archives)
+        if total:
+            rate = total / max(time.perf_counter() - started, 1e-9)
+            log.info("imported %d earlier records (%.0f/s)", total, rate)
+        self._remove_legacy_leftovers()
+
+    def _archives(self) -> Iterator[tuple[str, list[Any]]]:
         path = self.out.path / RESULTS
         if path.is_file() and not path.is_symlink():
             archive = self._archive_name()
             os.rename(path, archive)
             fsync_dir(self.out.path)
             log.info("kept the earlier results.json as %s", archive.name)
-        archives = sorted(p for p in self.out.path.iterdir() if _ARCHIVE.fullmatch(p.name))
-        started = time.perf_counter()
-        total = self.store.import_records(_read_archive(p) for p in archives)
-        if archives:
-            rate = total / max(time.perf_counter() - started, 1e-9)
-            log.info("imported %d records from %d files (%.0f/s)", total, len(archives), rate)
-        self._remove_legacy_leftovers()
+        for archive in sorted(p for p in self.out.path.iterdir() if _ARCHIVE.fullmatch(p.name)):
+            yield _read_archive(archive)
 
     def _archive_name(self) -> Path:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")

@@ -24,7 +24,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,11 +285,12 @@ class Store:
         (total,) = self.db.execute("SELECT count(*) FROM records").fetchone()
         return {"total": int(total)}
 
-    def import_records(self, sources: Iterable[tuple[str, list[Any]]]) -> int:
+    def import_records(self, sources: Callable[[], Iterable[tuple[str, list[Any]]]]) -> int:
         """Take in the records of earlier results files, in one transaction, then index.
 
-        `sources` yields (name, parsed JSON array); it runs inside the transaction, so a
-        process killed half way leaves nothing and the next start imports again.
+        `sources()` yields (name, parsed JSON array). It is called inside the transaction,
+        only if no other process has imported yet, so a process killed half way leaves
+        nothing behind and the next start imports again.
         """
         total = 0
         self.db.execute(f"PRAGMA busy_timeout = {int(IMPORT_WAIT_S * 1000)}")
@@ -297,7 +298,7 @@ class Store:
             with self.transaction("importing earlier results") as tx:
                 if self.imported:  # another process did it while we waited
                     return 0
-                for name, records in sources:
+                for name, records in sources():
                     rows = [legacy_row(r) for r in records if isinstance(r, dict)]
                     tx.db.executemany(_INSERT, rows)
                     total += len(rows)

@@ -181,6 +181,34 @@ def read_results(output_dir: Path) -> list[dict[str, Any]]:
         store.close()
 
 
+def count_records(output_dir: Path) -> int:
+    """Records in the results store of `output_dir` (0 before it exists)."""
+    try:
+        store = Store(output_dir, create=False)
+    except DiskError:
+        return 0
+    try:
+        return store.counts()["total"]
+    except sqlite3.OperationalError:  # created a moment ago, no tables yet
+        return 0
+    finally:
+        store.close()
+
+
+# What a clean shutdown leaves besides JPEGs, the view and archives: the store, the
+# view's lock file, and the (empty) directory of temp files.
+CLEAN_DOT_FILES = [".results.db", ".results.lock", ".tmp"]
+
+
+def dot_files(output_dir: Path) -> list[str]:
+    """Dot-files in OUTPUT_DIR, and whatever is left inside .tmp/ as `.tmp/...`."""
+    names = sorted(p.name for p in output_dir.iterdir() if p.name.startswith("."))
+    temps = output_dir / ".tmp"
+    if temps.is_dir():
+        names += sorted(f".tmp/{p.relative_to(temps)}" for p in temps.rglob("*"))
+    return names
+
+
 def read_view(output_dir: Path) -> list[dict[str, Any]]:
     """results.json, the view of the latest records."""
     data: list[dict[str, Any]] = json.loads((output_dir / "results.json").read_bytes())

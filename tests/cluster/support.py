@@ -22,7 +22,7 @@ import redis
 
 from returner.stream import Keys
 from tests.cluster.conftest import Cluster, Node
-from tests.conftest import Frames
+from tests.conftest import Frames, dot_files, read_results
 from tests.e2e.conftest import Service, base_env
 
 GROUP = "returner"
@@ -122,7 +122,7 @@ class Outputs:
 
 
 def outputs(output_dir: Path) -> Outputs:
-    results: list[dict[str, Any]] = json.loads((output_dir / "results.json").read_bytes())
+    results: list[dict[str, Any]] = read_results(output_dir)
     found = Outputs(results)
     found.completed.update(e["image_id"] for e in results if e["status"] == "completed")
     referenced = Counter(Path(e["file_path"]).name for e in results if e["file_path"])
@@ -130,7 +130,7 @@ def outputs(output_dir: Path) -> Outputs:
     found.orphans = on_disk - set(referenced)
     found.missing = set(referenced) - on_disk
     found.shared_names = sum(1 for n in referenced.values() if n > 1)
-    found.dot_files = sorted(p.name for p in output_dir.iterdir() if p.name.startswith("."))
+    found.dot_files = dot_files(output_dir)
     return found
 
 

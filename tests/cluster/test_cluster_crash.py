@@ -20,7 +20,7 @@ from tests.cluster.support import (
     queue_state,
     segments_left,
 )
-from tests.conftest import Frames, random_frame, wait_for
+from tests.conftest import CLEAN_DOT_FILES, Frames, random_frame, wait_for
 from tests.e2e.conftest import Service
 from tests.e2e.test_crash import ResultsReader, completed_ids
 from tests.reliability.test_crash_storm import aim, push_tasks, settled_lines
@@ -82,7 +82,7 @@ def test_kill9_mid_batch_and_restart_on_the_cluster(
     assert found.duplicates == 0, found.completed.most_common(3)
     assert {e["status"] for e in found.results} == {"completed"}
     assert not found.orphans and not found.missing and found.shared_names == 0
-    assert found.dot_files == [".results.lock"]
+    assert found.dot_files == CLEAN_DOT_FILES
     assert reader.reads > 0 and reader.invalid == 0
     assert all(recovered), f"a restart found nothing of its own to recover: {recovered}"
     assert segments_left(frames) == []

@@ -26,7 +26,7 @@ from tests.cluster.support import (
     queue_state,
     segments_left,
 )
-from tests.conftest import Frames, psnr, random_frame, wait_for
+from tests.conftest import CLEAN_DOT_FILES, Frames, psnr, random_frame, wait_for
 from tests.e2e.conftest import run_cli
 from tests.e2e.test_run import results_count
 
@@ -74,7 +74,7 @@ def test_run_through_a_master_that_does_not_own_the_queue(
     found = outputs(output_dir)
     assert {e["status"] for e in found.results} == {"completed"}
     assert set(found.completed) == set(sent) and found.duplicates == 0
-    assert not found.orphans and not found.missing and found.dot_files == [".results.lock"]
+    assert not found.orphans and not found.missing and found.dot_files == CLEAN_DOT_FILES
     for result in found.results:
         decoded = simplejpeg.decode_jpeg(Path(result["file_path"]).read_bytes(), colorspace="RGB")
         assert psnr(decoded, sent[result["image_id"]]) >= 30, result["image_id"]
@@ -160,7 +160,7 @@ def test_status_and_replay_on_the_cluster(
     assert (after["list_length"], after["stream_length"], after["pending"]) == (1, 0, 0)
     assert [(c["name"], c["pending"]) for c in after["consumers"]] == [("ghost", 0)]
     assert after["dead_letters"] == 1 and after["last_errors"][0]["image_id"] == "bad"
-    assert after["results"] == {"current": 6, "total": 6}
+    assert after["results"] == {"records": 6}
 
     revived = run_cli("replay", "--dead-letter", env=env, cwd=tmp_path)
     assert revived.returncode == 0, revived.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import redis
 
 from returner.stream import Keys
-from tests.conftest import Frames, random_frame, wait_for
+from tests.conftest import CLEAN_DOT_FILES, Frames, dot_files, random_frame, read_results, wait_for
 from tests.e2e.test_run import results_count
 
 
@@ -63,7 +63,7 @@ def test_kill9_mid_stream(service, r: redis.Redis, queue: str, output_dir: Path,
     reader.halt.set()
     reader.join()
 
-    results = json.loads((output_dir / "results.json").read_text())
+    results = read_results(output_dir)
     completed = Counter(e["image_id"] for e in results if e["status"] == "completed")
     assert set(completed) == {f"img_{i}" for i in range(count)}, "lost tasks"
     assert max(completed.values()) == 1, "duplicate completed entries"
@@ -76,13 +76,8 @@ def test_kill9_mid_stream(service, r: redis.Redis, queue: str, output_dir: Path,
     assert recovered >= 1, "no kill landed on work in flight"
     assert not any(frames.exists(n) for n in frames.names)
     assert r.xlen(Keys.for_queue(queue).stream) == 0
-    assert sorted(p.name for p in output_dir.iterdir() if p.name.startswith(".")) == [
-        ".results.lock"]
+    assert dot_files(output_dir) == CLEAN_DOT_FILES
 
 
 def completed_ids(output_dir: Path) -> set[str]:
-    try:
-        results = json.loads((output_dir / "results.json").read_text())
-    except (OSError, ValueError):
-        return set()
-    return {e["image_id"] for e in results if e["status"] == "completed"}
+    return {e["image_id"] for e in read_results(output_dir) if e["status"] == "completed"}

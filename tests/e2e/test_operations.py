@@ -507,7 +507,7 @@ def test_status_json_after_known_work(
     assert (error["request_id"], error["image_id"]) == ("req_s", "s_0")
     assert error["error"] == "encoder exploded on s_0"
     assert int(error["deliveries"]) == entries[0].deliveries == 1
-    assert report["results"] == {"current": 3, "total": 3}
+    assert report["results"] == {"records": 3}
 
 
 def test_status_json_counts_are_numbers(
@@ -558,7 +558,7 @@ def test_status_text(
     assert "dead letters: 1" in flat
     assert "segment vanished mid-read" in flat
     assert "req_t/t_0" in flat
-    assert "results: 2 in results.json, 2 in all" in flat
+    assert "results: 2 records" in flat
 
 
 # -- help -------------------------------------------------------------------------------

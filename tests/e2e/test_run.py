@@ -14,7 +14,15 @@ import redis
 import simplejpeg
 
 from returner.stream import Keys
-from tests.conftest import Frames, psnr, random_frame, read_results, wait_for
+from tests.conftest import (
+    CLEAN_DOT_FILES,
+    Frames,
+    dot_files,
+    psnr,
+    random_frame,
+    read_results,
+    wait_for,
+)
 from tests.e2e.conftest import base_env
 
 CASES = [  # (shape, explicit channel_order or None)
@@ -71,8 +79,7 @@ def test_every_shape_and_order(service, r: redis.Redis, queue: str, output_dir: 
     assert r.xlen(keys.stream) == 0
     assert r.xpending(keys.stream, "returner")["pending"] == 0
     assert r.llen(queue) == 0
-    dot_files = sorted(p.name for p in output_dir.iterdir() if p.name.startswith("."))
-    assert dot_files == [".results.lock"]
+    assert dot_files(output_dir) == CLEAN_DOT_FILES
 
 
 def test_sigterm_with_work_in_flight(service, r: redis.Redis, queue: str, output_dir: Path,
@@ -149,7 +156,7 @@ def test_embedded_default(tmp_path: Path) -> None:
         raise AssertionError("embedded Redis still running after exit")
     except redis.ConnectionError:
         pass
-    results = json.loads((out / "results.json").read_text())
+    results = read_results(out)
     assert all(Path(e["file_path"]).exists() for e in results)
 
 

@@ -1,10 +1,10 @@
 """A storm of `kill -9`s: thousands of tasks, a kill at a random moment of every run
 (some aimed at the commit), a restart after each. Nothing is lost, nothing doubled, no
-orphan is left, and results.json is a valid document at every read."""
+orphan is left, no record points to a missing file, and results.json is a valid document
+at every read."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -15,9 +15,16 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from returner.output import results_counts
 from returner.stream import Keys
-from tests.conftest import Frames, random_frame, wait_for
+from tests.conftest import (
+    CLEAN_DOT_FILES,
+    Frames,
+    count_records,
+    dot_files,
+    random_frame,
+    read_results,
+    wait_for,
+)
 from tests.e2e.conftest import Service
 from tests.e2e.test_crash import ResultsReader, completed_ids
 
@@ -28,8 +35,8 @@ KILLS = 40
 SEED = 20_240_611
 # Where a kill lands: right after progress is seen, a random delay after the worker is
 # ready, a random delay after the process was spawned (start-up and recovery included),
-# the instant a temp file appears (a JPEG or results.json being written), the instant
-# results.json is replaced (committed, not yet acked).
+# the instant a temp file appears (a JPEG or the view being written), the instant the
+# store's WAL changes (a commit: the JPEGs are not renamed yet, nothing is acked).
 MODES = ("progress", "delay", "spawn", "temp", "commit")
 
 
@@ -43,19 +50,19 @@ def push_tasks(r: redis.Redis, queue: str, frames: Frames, ids: Sequence[int],
 
 
 def current_results(output_dir: Path) -> int:
-    return results_counts(output_dir)[0]
+    return count_records(output_dir)
 
 
 def temp_files(output_dir: Path) -> set[str]:
-    return {e.name for e in os.scandir(output_dir) if e.name.endswith(".tmp")}
+    return {str(p) for p in output_dir.glob(".tmp/*/*")}
 
 
 def results_stamp(output_dir: Path) -> tuple[int, int] | None:
     try:
-        st = os.stat(output_dir / "results.json")
+        st = os.stat(output_dir / ".results.db-wal")
     except FileNotFoundError:
         return None
-    return st.st_ino, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns
 
 
 def aim(mode: str, svc: Service, output_dir: Path, rng: random.Random) -> None:
@@ -119,7 +126,7 @@ def test_crash_storm(service: Callable[..., Service], r: redis.Redis, queue: str
     reader.join()
     elapsed = time.monotonic() - started
 
-    results = json.loads((output_dir / "results.json").read_bytes())
+    results = read_results(output_dir)
     completed = Counter(e["image_id"] for e in results if e["status"] == "completed")
     expected = {f"img_{i}" for i in range(TASKS)}
     lost = len(expected - set(completed))
@@ -132,14 +139,13 @@ def test_crash_storm(service: Callable[..., Service], r: redis.Redis, queue: str
     logs = [svc.logs(None) for svc in runs]
     in_flight = sum("recovering entry" in logs[k + 1] for k in range(KILLS))
     recovered = sum(text.count("recovering entry") for text in logs)
-    swept_orphans = sum(text.count("removing orphan") for text in logs)
-    swept_temps = sum(text.count("removing stale temp file") for text in logs)
+    swept = sum(text.count("finished the work of a writer that died") for text in logs)
     redelivered_dups = sum(settled_lines(text, "duplicate") for text in logs)
     keys = Keys.for_queue(queue)
 
     print(f"\ncrash storm: {TASKS} tasks, {KILLS} kills ({in_flight} with work in flight; "
           f"{recovered} entries recovered, {redelivered_dups} settled as duplicates, "
-          f"{swept_orphans} orphans and {swept_temps} temp files swept at restart; "
+          f"{swept} dead writers' moves finished and temp files removed; "
           f"{storm_done} done during the storm), lost {lost}, duplicate completed "
           f"{duplicates}, orphans {orphans}, reads {reader.reads}, invalid reads "
           f"{reader.invalid}, segments left {segments_left}, {elapsed:.1f}s; "
@@ -158,5 +164,4 @@ def test_crash_storm(service: Callable[..., Service], r: redis.Redis, queue: str
     assert r.llen(queue) == 0 and r.xlen(keys.stream) == 0 and r.xlen(keys.dead) == 0
     assert r.xpending(keys.stream, "returner")["pending"] == 0
     assert in_flight >= KILLS // 2, f"only {in_flight} kills landed with work in flight"
-    assert sorted(p.name for p in output_dir.iterdir() if p.name.startswith(".")) == [
-        ".results.lock"]
+    assert dot_files(output_dir) == CLEAN_DOT_FILES

@@ -3,7 +3,6 @@ JPEG appears, results.json stays valid, and every task completes once space retu
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import urllib.request
@@ -15,7 +14,7 @@ import pytest
 import redis
 
 from returner.stream import Keys
-from tests.conftest import Frames, wait_for
+from tests.conftest import CLEAN_DOT_FILES, Frames, dot_files, read_results, wait_for
 from tests.e2e.test_run import free_port, results_count
 
 
@@ -61,17 +60,17 @@ def test_full_disk_pauses_then_completes(tiny_disk: Path, service, service_env: 
     assert r.xlen(f"{{{queue}}}:dead") == 0
     assert r.xlen(stream) + r.llen(queue) == count - done  # nothing acked beyond the results
     visible = sorted(p.name for p in out.glob("*.jpg"))
-    entries = json.loads((out / "results.json").read_bytes())  # valid JSON throughout
+    entries = read_results(out)  # valid JSON throughout
     assert visible == sorted(Path(e["file_path"]).name for e in entries)  # no partial JPEG
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(tiny_disk)], check=True)
     wait_for(lambda: results_count(out) == count, timeout=90, what="every task after space returns")
     wait_for(lambda: readyz(port) == 200, what="ready again")
     assert svc.stop() == 0
-    entries = json.loads((out / "results.json").read_bytes())
+    entries = read_results(out)
     assert {e["image_id"] for e in entries if e["status"] == "completed"} == {
         f"img_{i}" for i in range(count)}
     assert r.xlen(f"{{{queue}}}:dead") == 0, "valid frames were dead-lettered"
     assert r.xlen(stream) == 0
     assert not any(frames.exists(n) for n in frames.names)
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".results.lock"]
+    assert dot_files(out) == CLEAN_DOT_FILES

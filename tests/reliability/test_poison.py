@@ -8,7 +8,7 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import Frames, random_frame, wait_for
+from tests.conftest import Frames, random_frame, read_results, wait_for
 from tests.e2e.test_run import results_count
 
 
@@ -38,7 +38,7 @@ def test_poison_frame_is_dead_lettered(service, service_env: dict[str, str], r: 
             crashes += 1
     assert crashes == max_deliveries
 
-    entries = json.loads((output_dir / "results.json").read_bytes())
+    entries = read_results(output_dir)
     by_id = {e["image_id"]: e for e in entries}
     assert len(entries) == len(ids)
     assert by_id["poison"]["status"] == "failed"

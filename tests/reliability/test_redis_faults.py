@@ -17,7 +17,14 @@ import redis
 
 from returner.embedded import EmbeddedRedis
 from returner.stream import Keys
-from tests.conftest import Frames, random_frame, server_binaries, server_version, wait_for
+from tests.conftest import (
+    Frames,
+    random_frame,
+    read_results,
+    server_binaries,
+    server_version,
+    wait_for,
+)
 from tests.e2e.conftest import Service, base_env, run_cli
 from tests.e2e.test_run import free_port, results_count
 
@@ -43,7 +50,7 @@ def metric(port: int, name: str) -> float:
 
 
 def results(out: Path) -> list[dict[str, Any]]:
-    data: list[dict[str, Any]] = json.loads((out / "results.json").read_bytes())
+    data: list[dict[str, Any]] = read_results(out)
     return data
 
 
@@ -196,7 +203,7 @@ def run_acl_scenario(server: EmbeddedRedis, acl_line: str, start: StartService, 
     assert admin.xlen(keys.dead) == 1
     report = json.loads(cli("status", "--json"))
     assert (report["list_length"], report["stream_length"], report["dead_letters"]) == (0, 0, 1)
-    assert report["results"]["current"] == 3
+    assert report["results"] == {"records": 3}
     assert "dead letters: 1" in cli("status")
     assert svc.stop() == 0, svc.logs()
     logs = svc.logs(None)

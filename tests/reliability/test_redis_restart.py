@@ -3,7 +3,6 @@ worker backs off, reconnects, counts it, and loses nothing."""
 
 from __future__ import annotations
 
-import json
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import redis
 
 from returner.embedded import EmbeddedRedis
-from tests.conftest import Frames, random_frame, server_binaries, wait_for
+from tests.conftest import Frames, random_frame, read_results, server_binaries, wait_for
 from tests.e2e.conftest import base_env
 from tests.e2e.test_run import free_port, results_count
 
@@ -64,7 +63,7 @@ def test_redis_restart_mid_run(own_redis: EmbeddedRedis, service, tmp_path: Path
     assert metric(port, "returner_redis_reconnects_total") >= 1
     assert metric(port, 'returner_errors_total{kind="redis"}') >= 1
     assert svc.stop() == 0
-    entries = json.loads((out / "results.json").read_bytes())
+    entries = read_results(out)
     completed = [e["image_id"] for e in entries if e["status"] == "completed"]
     assert sorted(completed) == sorted(f"img_{i}" for i in range(count)), "lost or doubled"
     assert client.xlen(f"{{{queue}}}:stream") == 0

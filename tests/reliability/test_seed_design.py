@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import redis
 
 from returner.stream import Keys
-from tests.conftest import Frames, random_frame, wait_for
+from tests.conftest import Frames, random_frame, read_results, wait_for
 from tests.e2e.conftest import Service
 from tests.e2e.test_crash import ResultsReader, completed_ids
 from tests.reliability.test_crash_storm import SHAPE, push_tasks
@@ -139,7 +139,7 @@ def storm(start: Callable[[], Killable], out: Path, schedule: list[tuple[int, fl
 def tally(out: Path, r: redis.Redis, queue: str, names: list[str], frames: Frames,
           reader: ResultsReader) -> Tally:
     try:
-        results: list[dict[str, Any]] = json.loads((out / "results.json").read_bytes())
+        results: list[dict[str, Any]] = read_results(out)
         valid = isinstance(results, list)
     except (OSError, ValueError):
         results, valid = [], False

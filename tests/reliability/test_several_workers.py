@@ -5,7 +5,6 @@ seconds, and the shared outputs lose nothing, double nothing and leave no orphan
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import signal
 import threading
@@ -21,9 +20,8 @@ import numpy as np
 import redis
 
 from returner.demo import task_message
-from returner.output import file_name, results_counts
 from returner.stream import Keys
-from tests.conftest import Frames, random_frame, wait_for
+from tests.conftest import Frames, count_records, random_frame, read_results, wait_for
 from tests.e2e.conftest import Service
 
 SHAPE = (96, 128, 3)
@@ -112,19 +110,12 @@ def kill_holding_work(workers: dict[str, Service], r: redis.Redis, stream: str,
     raise AssertionError("unreachable")
 
 
-def renamed_unrecorded(out: Path, r: redis.Redis, stream: str, ids: list[str]) -> list[str]:
-    """JPEGs of these entries already under their final name but in no results entry:
-    their worker is between the renames of its commit."""
-    referenced = {Path(e["file_path"]).name
-                  for e in json.loads((out / "results.json").read_bytes()) if e["file_path"]}
-    names = []
-    for entry_id in ids:
-        rows: Any = r.xrange(stream, entry_id, entry_id)
-        [(_, fields)] = rows
-        name = file_name(json.loads(fields[b"task"])["image_id"], int(entry_id.split("-")[0]))
-        if (out / name).exists() and name not in referenced:
-            names.append(name)
-    return names
+def recorded(out: Path, ids: list[str]) -> list[str]:
+    """The JPEGs that completed records of these (unacknowledged) entries name: their
+    worker is past its commit, renaming them or about to acknowledge."""
+    wanted = set(ids)
+    return [e["file_path"] for e in read_results(out)
+            if e["entry_id"] in wanted and e["file_path"]]
 
 
 def test_several_workers(service: Callable[..., Service], service_env: dict[str, str],
@@ -145,7 +136,7 @@ def test_several_workers(service: Callable[..., Service], service_env: dict[str,
     killed_at = time.monotonic()
     time.sleep(0.05)  # anything the victim sent before dying is applied by now
     orphaned = held(r, keys.stream, victim)
-    window = renamed_unrecorded(output_dir, r, keys.stream, orphaned)
+    window = [p for p in recorded(output_dir, orphaned) if not Path(p).exists()]
     wait_for(lambda: not held(r, keys.stream, victim), timeout=30, what="the takeover")
     takeover_s = time.monotonic() - killed_at
     producer.join()
@@ -154,13 +145,13 @@ def test_several_workers(service: Callable[..., Service], service_env: dict[str,
 
     def settled() -> bool:
         return (r.llen(queue) == 0 and r.xpending(keys.stream, GROUP)["pending"] == 0
-                and results_counts(output_dir)[0] >= TASKS)
+                and count_records(output_dir) >= TASKS)
 
     wait_for(settled, timeout=60, what="every task settled")
     codes = {n: s.stop() for n, s in survivors.items()}
     elapsed = time.monotonic() - started
 
-    results = json.loads((output_dir / "results.json").read_bytes())
+    results = read_results(output_dir)
     completed = Counter(e["image_id"] for e in results if e["status"] == "completed")
     failed = Counter(e["image_id"] for e in results if e["status"] == "failed")
     good = {f"img_{i}" for i in range(BAD, TASKS)}
@@ -168,13 +159,15 @@ def test_several_workers(service: Callable[..., Service], service_env: dict[str,
     lost = len(good - set(completed)) + len(bad - set(failed))
     duplicates = sum(n - 1 for n in completed.values())
     referenced = Counter(Path(e["file_path"]).name for e in results if e["file_path"])
-    orphans = sorted({p.name for p in output_dir.glob("*.jpg")} - set(referenced))
+    on_disk = {p.name for p in output_dir.glob("*.jpg")}
+    orphans = sorted(on_disk - set(referenced))
+    missing = sorted(set(referenced) - on_disk)
     logs = {n: s.logs(None) for n, s in workers.items()}
     done_by = {n: logs[n].count(" completed -> ") for n in CONSUMERS}
-    stale = len(list(output_dir.glob(".*.tmp")))
+    stale = len(list(output_dir.glob(".tmp/*/*")))
 
     print(f"\nseveral workers: {TASKS} tasks ({BAD} bad), 3 workers, {victim} killed holding "
-          f"{len(orphaned)} entries ({len(window)} JPEGs renamed but unrecorded; caught at try "
+          f"{len(orphaned)} entries ({len(window)} JPEGs not yet renamed; caught at try "
           f"{tries}), taken over in {takeover_s:.1f}s; lost {lost}, duplicate completed "
           f"{duplicates}, results {len(results)} = {len(completed)} completed + "
           f"{sum(failed.values())} failed, orphans {len(orphans)}, completions by worker "
@@ -196,17 +189,19 @@ def test_several_workers(service: Callable[..., Service], service_env: dict[str,
     assert all(done_by[n] > 0 for n in survivors), f"the work was not spread: {done_by}"
     assert max(referenced.values()) == 1, "a JPEG referenced by two entries"
     assert not any(frames.exists(n) for n in frames.names)
-    assert orphans == [], f"orphan JPEGs {orphans} (renamed when the victim died: {window})"
+    assert orphans == [], f"orphan JPEGs {orphans}"
+    assert missing == [], f"records of missing JPEGs {missing} (unplaced at the kill: {window})"
 
 
 def test_worker_killed_inside_its_commit(service: Callable[..., Service],
                                          service_env: dict[str, str], r: redis.Redis,
                                          queue: str, output_dir: Path, frames: Frames) -> None:
-    """The kill aimed at the instant between renaming the JPEGs and replacing results.json.
+    """The kill aimed after the commit that records the JPEGs and before the ack: while
+    the renames that put them in place run, or just after.
 
-    The victim is not restarted, so no start-up sweep runs: the survivors that take its
-    entries over must end with every JPEG referenced (the redelivery writes the same name
-    instead of leaving an orphan, as the contract puts it).
+    The victim is not restarted, so no start-up sweep runs: the survivors, taking its
+    entries over as duplicates or sweeping its temp directory, must finish its moves, so
+    that every completed record's JPEG exists and no JPEG is an orphan.
     """
     count = 900
     rng = random.Random(SEED + 1)
@@ -218,33 +213,37 @@ def test_worker_killed_inside_its_commit(service: Callable[..., Service],
     producer.start()
 
     window: list[str] = []
+    unplaced: list[str] = []
 
-    def between_renames(_: str, ids: list[str]) -> bool:
-        window[:] = renamed_unrecorded(output_dir, r, keys.stream, ids)
+    def between_commit_and_ack(_: str, ids: list[str]) -> bool:
+        window[:] = recorded(output_dir, ids)
+        unplaced[:] = [p for p in window if not Path(p).exists()]
         return bool(window)
 
     assert producer.a_third_in.wait(timeout=60), "the producer is stuck"
-    victim, tries = kill_holding_work(workers, r, keys.stream, rng, between_renames, producer)
+    victim, tries = kill_holding_work(workers, r, keys.stream, rng, between_commit_and_ack,
+                                      producer)
     producer.join()
     wait_for(lambda: r.llen(queue) == 0 and r.xpending(keys.stream, GROUP)["pending"] == 0,
              timeout=60, what="every task settled")
     survivors = {n: s for n, s in workers.items() if n != victim}
     codes = {n: s.stop() for n, s in survivors.items()}
 
-    results = json.loads((output_dir / "results.json").read_bytes())
+    results = read_results(output_dir)
     completed = Counter(e["image_id"] for e in results if e["status"] == "completed")
     referenced = {Path(e["file_path"]).name for e in results if e["file_path"]}
-    orphans = sorted({p.name for p in output_dir.glob("*.jpg")} - referenced)
-    suffixed = sorted(referenced & {w.removesuffix(".jpg") + "_1.jpg" for w in window})
+    on_disk = {p.name for p in output_dir.glob("*.jpg")}
+    orphans, missing = sorted(on_disk - referenced), sorted(referenced - on_disk)
     print(f"\nkilled inside its commit: {count} tasks, {victim} killed at try {tries} with "
-          f"{len(window)} JPEGs renamed but unrecorded; lost {count - len(completed)}, "
+          f"{len(window)} JPEGs recorded but not acknowledged, {len(unplaced)} of them not yet "
+          f"renamed; lost {count - len(completed)}, "
           f"duplicate completed {sum(n - 1 for n in completed.values())}, orphans "
-          f"{len(orphans)}, redeliveries recorded under a suffixed name {len(suffixed)}, "
-          f"exit codes {codes}")
+          f"{len(orphans)}, missing {len(missing)}, exit codes {codes}")
 
     assert set(completed) == {f"img_{i}" for i in range(count)}
     assert max(completed.values()) == 1
     assert codes == dict.fromkeys(survivors, 0), codes
     assert not any(frames.exists(n) for n in frames.names)
-    assert orphans == [], (f"{len(orphans)} orphan JPEGs left by the killed worker, e.g. "
-                           f"{orphans[:3]}; the survivors saved the same tasks as {suffixed[:3]}")
+    assert orphans == [], f"{len(orphans)} orphan JPEGs, e.g. {orphans[:3]}"
+    assert missing == [], f"records of missing JPEGs {missing[:3]} (unplaced: {unplaced[:3]})"
+    assert all(Path(e["file_path"]).name in on_disk for e in results if e["file_path"])
