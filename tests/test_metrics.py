@@ -87,7 +87,7 @@ def test_metrics_after_known_work(serve, make_settings, r: redis.Redis, queue: s
     for stage in ("load", "encode", "write"):
         assert served.value("returner_stage_duration_seconds_count", {"stage": stage}) == 3
     assert served.value("returner_stage_duration_seconds_count", {"stage": "commit"}) >= 1
-    written = sum(p.stat().st_size for p in served.worker.out.path.glob("*.jpg"))
+    written = sum(p.stat().st_size for p in served.worker.results.out.path.glob("*.jpg"))
     assert served.value("returner_bytes_written_total") == written
     assert served.value("returner_deliveries_bucket", {"le": "1.0"}) == 5
     # gauges come from the periodic observation of the queue
