@@ -9,6 +9,8 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +28,7 @@ from returner.errors import ReturnerError, SettingsError
 from returner.metrics import Checks, Health, Metrics, MetricsServer
 from returner.results import Store
 from returner.settings import Settings, load_settings
-from returner.stream import Replication, Server, Stream, translated
+from returner.stream import Event, Events, Replication, Server, Stream, translated
 from returner.supervisor import Supervisor, report_health
 from returner.worker import Worker
 
@@ -92,6 +94,7 @@ def stream_for(settings: Settings, url: str, consumer: str | None = None) -> Str
         settings.consumer_group,
         consumer or settings.consumer_name,
         Replication(settings.redis_wait_replicas, settings.redis_wait_timeout_ms),
+        Events(settings.events_maxlen, settings.publish_events),
     )
 
 
@@ -572,6 +575,149 @@ def write_records(records: Iterator[dict[str, Any]], lines: bool) -> None:
     if not lines:
         out.write("]\n" if first else "\n]\n")
     out.flush()
+
+
+EVENT_COLUMNS = ("timestamp", "request_id", "image_id", "outcome", "file_path", "error")
+FOLLOW_BLOCK_MS = 1000  # a follower wakes this often to notice Ctrl-C or a deadline
+
+
+@app.command()
+def events(
+    request_id: Annotated[
+        str | None, typer.Option("--request-id", help="Only events of this request_id.")
+    ] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Then print new ones.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+    count: Annotated[int, typer.Option("--count", min=1, help="The latest this many.")] = 100,
+    redis_url: RedisUrl = None,
+    queue: Queue = None,
+) -> None:
+    """Print the latest events (one per settled delivery), and with --follow new ones.
+
+    Example: returner events --request-id req_001 --follow --json
+    """
+    settings = settings_from(redis_url=redis_url, hosting_tasks_queue=queue, log_level="WARNING")
+    show = print_event_json if as_json else event_printer()
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    with redis_url_for(settings, embedded_ok=False) as url:
+        stream = stream_for(settings, url)
+        try:
+            last = show_latest(stream, request_id, count, show)
+            while follow and not stop.is_set():
+                for event in stream.read_events(last, block_ms=FOLLOW_BLOCK_MS):
+                    last = event.id
+                    if request_id is None or event["request_id"] == request_id:
+                        show([event])
+        except ReturnerError as exc:
+            raise fail(str(exc), 1) from None
+
+
+def show_latest(
+    stream: Stream, request_id: str | None, count: int, show: Callable[[list[Event]], None]
+) -> str:
+    """Print the latest `count` (matching) events; the ID to follow from."""
+    if request_id is None:
+        latest = stream.last_events(count)
+        show(latest)
+        return latest[-1].id if latest else "$"
+    kept: deque[Event] = deque(maxlen=count)
+    last = "0-0"
+    while batch := stream.read_events(last):
+        last = batch[-1].id
+        kept.extend(e for e in batch if e["request_id"] == request_id)
+    show(list(kept))
+    return last if last != "0-0" else "$"
+
+
+def print_event_json(batch: list[Event]) -> None:
+    for event in batch:
+        typer.echo(json.dumps({"id": event.id, **event.fields}, ensure_ascii=False))
+
+
+def event_printer() -> Callable[[list[Event]], None]:
+    console = Console(highlight=False)
+    header = [True]
+
+    def show(batch: list[Event]) -> None:
+        if not batch:
+            return
+        table = Table(*EVENT_COLUMNS, box=None, show_header=header[0])
+        for event in batch:
+            table.add_row(*(event[c] or "-" for c in EVENT_COLUMNS))
+        console.print(table)
+        header[0] = False
+
+    return show
+
+
+@app.command()
+def wait(
+    request_id: Annotated[str, typer.Argument(help="The request_id.")],
+    image_ids: Annotated[list[str], typer.Argument(help="The image_ids to wait for.")],
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", min=0, help="Give up after S seconds: exit 124.")
+    ] = None,
+    redis_url: RedisUrl = None,
+    queue: Queue = None,
+) -> None:
+    """Wait until every named image is completed: exit 0; 1 once one failed; 124 on timeout.
+
+    Events already in the stream count, so it never misses one that came before it.
+    Example: returner wait req_001 image_001 image_002 --timeout 30
+    """
+    settings = settings_from(redis_url=redis_url, hosting_tasks_queue=queue, log_level="WARNING")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waiting = Waiting(request_id, set(image_ids))
+    with redis_url_for(settings, embedded_ok=False) as url:
+        stream = stream_for(settings, url)
+        try:
+            last = "0-0"
+            while batch := stream.read_events(last):  # what came before: the latest event decides
+                last = batch[-1].id
+                waiting.take(batch)
+            while waiting.failed is None and waiting.left:
+                left_s = None if deadline is None else deadline - time.monotonic()
+                if left_s is not None and left_s <= 0:
+                    missing = " ".join(sorted(waiting.left))
+                    raise fail(f"timed out waiting for {request_id}: {missing}", 124)
+                block = FOLLOW_BLOCK_MS if left_s is None else min(FOLLOW_BLOCK_MS, left_s * 1000)
+                for event in stream.read_events(last, block_ms=max(1, int(block))):
+                    last = event.id
+                    waiting.take([event])
+                    if waiting.failed is not None:
+                        break
+        except ReturnerError as exc:
+            raise fail(str(exc), 1) from None
+    if waiting.failed is not None:
+        failed = waiting.failed
+        raise fail(f"{request_id}/{failed['image_id']} failed: {failed['error']}", 1)
+
+
+class Waiting:
+    """The images of one request still to complete, from the events seen so far."""
+
+    def __init__(self, request_id: str, image_ids: set[str]) -> None:
+        self.request_id = request_id
+        self.wanted = frozenset(image_ids)
+        self.left = set(image_ids)
+        self.done: dict[str, str] = {}
+        self.failed: Event | None = None
+
+    def take(self, batch: list[Event]) -> None:
+        for event in batch:
+            image_id = event["image_id"]
+            if event["request_id"] != self.request_id or image_id not in self.left | set(self.done):
+                continue
+            if event["status"] == "completed":
+                self.left.discard(image_id)
+                if image_id not in self.done:
+                    typer.echo(f"{image_id} completed {event['file_path']}")
+                self.done[image_id] = event["file_path"]
+                if self.failed is not None and self.failed["image_id"] == image_id:
+                    self.failed = None  # a replay completed what had failed
+            else:
+                self.failed = event
 
 
 @app.command()

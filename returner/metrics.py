@@ -63,6 +63,11 @@ class Metrics:
             buckets=_DELIVERY_BUCKETS,
             registry=r,
         )
+        self.events = Counter(
+            "returner_events",
+            "Events emitted on {L}:events, one per delivery this worker settled.",
+            registry=r,
+        )
         self.errors = Counter(
             "returner_errors", "Errors by kind: redis, disk, task.", ["kind"], registry=r
         )

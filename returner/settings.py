@@ -58,6 +58,8 @@ class Settings(BaseSettings):
         default=1000, ge=0, le=1_000_000, alias="RESULTS_JSON_ENTRIES"
     )
     results_retention_days: int = Field(default=30, ge=0, alias="RESULTS_RETENTION_DAYS")
+    events_maxlen: int = Field(default=100_000, ge=1, alias="EVENTS_MAXLEN")
+    publish_events: bool = Field(default=False, alias="PUBLISH_EVENTS")
     metrics_host: str = Field(default="127.0.0.1", alias="METRICS_HOST")
     metrics_port: int = Field(default=9108, ge=0, le=65535, alias="METRICS_PORT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
@@ -27,10 +28,12 @@ class Keys:
     queue: str
     stream: str
     dead: str
+    events: str
 
     @classmethod
     def for_queue(cls, queue: str) -> Keys:
-        return cls(queue=queue, stream=f"{{{queue}}}:stream", dead=f"{{{queue}}}:dead")
+        tag = f"{{{queue}}}"
+        return cls(queue, stream=f"{tag}:stream", dead=f"{tag}:dead", events=f"{tag}:events")
 
 
 _CLIENT_OPTIONS: dict[str, Any] = {
@@ -146,8 +149,7 @@ def _script(name: str) -> Script:
 _FETCH = _script("fetch")
 _PENDING = _script("pending")
 _CLAIM = _script("claim")
-_ACK = _script("ack")
-_DEAD_LETTER = _script("dead_letter")
+_SETTLE = _script("settle")
 _REVIVE = _script("revive")
 _RESCUE = _script("rescue")
 _TOUCH = _script("touch")
@@ -155,7 +157,7 @@ _FORGET = _script("forget")
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _entry(raw: Sequence[Any], deliveries: int | None = None) -> Entry:
@@ -164,6 +166,64 @@ def _entry(raw: Sequence[Any], deliveries: int | None = None) -> Entry:
     task = fields.get(b"task", b"")
     count = int(raw[2]) if deliveries is None else deliveries
     return Entry(id=_text(entry_id), task=task, deliveries=count)
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """How one delivery settles: acked, or dead-lettered (`dead`), with its event."""
+
+    entry: Entry
+    outcome: str  # completed, duplicate, failed or dead_lettered
+    status: str  # the record's: completed or failed
+    request_id: str | None = None
+    image_id: str | None = None
+    file_path: str | None = None
+    error: str | None = None
+
+    @property
+    def dead(self) -> bool:
+        return self.outcome in ("failed", "dead_lettered")
+
+    def args(self, timestamp: str) -> list[Any]:
+        """The 11 values settle.lua takes for this entry."""
+        entry = self.entry
+        return [
+            entry.id,
+            "1" if self.dead else "0",
+            self.request_id or "",
+            self.image_id or "",
+            self.status,
+            self.outcome,
+            self.file_path or "",
+            self.error or "",
+            timestamp,
+            entry.deliveries,
+            entry.task if self.dead else b"",
+        ]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of `{L}:events`: its ID and its fields, as text."""
+
+    id: str
+    fields: dict[str, str]
+
+    @classmethod
+    def of(cls, event_id: str, raw: dict[Any, Any]) -> Event:
+        return cls(event_id, {_text(k): _text(v) for k, v in raw.items()})
+
+    def __getitem__(self, name: str) -> str:
+        return self.fields.get(name, "")
+
+
+@dataclass(frozen=True)
+class Events:
+    """Where settling emits events: `{L}:events` capped at about `maxlen` entries, and
+    with `publish` also the channel `events:{request_id}`."""
+
+    maxlen: int = 100_000
+    publish: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,12 +254,14 @@ class Stream:
         group: str,
         consumer: str,
         replication: Replication = Replication(),
+        events: Events = Events(),
     ) -> None:
         self.server = server if isinstance(server, Server) else Server.of(server)
         self.keys = Keys.for_queue(queue)
         self.group = group
         self.consumer = consumer
         self.replication = replication
+        self.events = events
         # Called with (replicas asked for, replicas that confirmed) when a WAIT falls short.
         self.on_short_wait: Callable[[int, int], None] = lambda _want, _got: None
 
@@ -360,34 +422,23 @@ class Stream:
             self._run("removing a consumer", _FORGET, [self.keys.stream], [self.group, consumer])
         )
 
-    def ack(self, ids: Sequence[str]) -> None:
-        """Acknowledge and delete entries whose outcome is durable."""
-        if ids:
-            self._run("acknowledging", _ACK, [self.keys.stream], [self.group, *ids], wait=True)
-
-    def dead_letter(self, entry: Entry, error: str, extra: dict[str, str]) -> None:
-        """Move one delivery to `{L}:dead` with its original bytes and the reason."""
-        fields: list[Any] = [
-            "task",
-            entry.task,
-            "error",
-            error,
-            "deliveries",
-            entry.deliveries,
-            "entry_id",
-            entry.id,
-            "consumer",
+    def settle(self, settlements: Sequence[Settlement]) -> int:
+        """Ack or dead-letter entries whose outcome is durable, each with its event, at
+        once; the number this call settled (entries settled by someone else first are
+        only deleted). Raises RedisUnavailable."""
+        if not settlements:
+            return 0
+        stamp = datetime.now(UTC).isoformat(timespec="microseconds")
+        args: list[Any] = [
+            self.group,
             self.consumer,
+            self.events.maxlen,
+            "1" if self.events.publish else "0",
         ]
-        for key, value in extra.items():
-            fields += [key, value]
-        self._run(
-            "dead-lettering",
-            _DEAD_LETTER,
-            [self.keys.stream, self.keys.dead],
-            [self.group, entry.id, *fields],
-            wait=True,
-        )
+        for settlement in settlements:
+            args += settlement.args(stamp)
+        keys = [self.keys.stream, self.keys.dead, self.keys.events]
+        return int(self._run("settling", _SETTLE, keys, args, wait=True) or 0)
 
     def touch(self, ids: Sequence[str]) -> None:
         """Reset the idle time of entries still in hand, so no one claims them."""
@@ -405,6 +456,24 @@ class Stream:
         with self._talking("reading dead letters"):
             rows: list[Any] = self.client.xrange(self.keys.dead, start, "+", count=count) or []
         return [(_text(i), dict(f or {})) for i, f in rows]
+
+    def read_events(
+        self, after: str = "0-0", count: int = 1000, block_ms: int | None = None
+    ) -> list[Event]:
+        """Up to `count` events after `after`, oldest first; with `block_ms`, wait that
+        long for one when there is none. Raises RedisUnavailable."""
+        with self._talking("reading events"):
+            reply: Any = self.client.xread({self.keys.events: after}, count=count, block=block_ms)
+        if not reply:
+            return []
+        rows = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
+        return [Event.of(_text(i), f or {}) for i, f in rows]
+
+    def last_events(self, count: int) -> list[Event]:
+        """The latest `count` events, oldest first. Raises RedisUnavailable."""
+        with self._talking("reading events"):
+            rows: Any = self.client.xrevrange(self.keys.events, "+", "-", count=count)
+        return [Event.of(_text(i), f or {}) for i, f in reversed(rows or [])]
 
     def revive(self, dead_id: str) -> str | None:
         """Move one dead letter back into the stream; its new entry ID, or None if gone."""

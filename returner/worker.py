@@ -24,7 +24,7 @@ from returner.metrics import Health, Metrics
 from returner.output import Results, discard
 from returner.pipeline import Flight, Pipeline
 from returner.settings import Settings
-from returner.stream import Stream
+from returner.stream import Settlement, Stream
 from returner.task import Decision, Entry, Kind, Outcome, Rules
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,21 @@ class Tally:
     @property
     def settled(self) -> int:
         return self.completed + self.duplicate + self.failed + self.dead_lettered
+
+
+def settlement(decision: Decision) -> Settlement:
+    """How a decision settles in Redis: its outcome, its record's status, its event."""
+    outcome, kind = decision.outcome, decision.kind
+    ok = kind in (Kind.COMPLETED, Kind.DUPLICATE)
+    return Settlement(
+        outcome.entry,
+        kind.value,
+        "completed" if ok else "failed",
+        outcome.request_id,
+        outcome.image_id,
+        str(decision.file_path) if decision.file_path else None,
+        None if ok else outcome.error or "failed",
+    )
 
 
 class Backoff:
@@ -367,15 +382,16 @@ class Worker:
         return [d.outcome.entry for d in decisions if d.kind is Kind.RETRY and d.outcome.disk_error]
 
     def _acknowledge(self, decisions: list[Decision], released: set[str]) -> None:
-        done = [d for d in decisions if d.kind in (Kind.COMPLETED, Kind.DUPLICATE)]
-        self.call_redis(lambda: self.stream.ack([d.outcome.entry.id for d in done]))
-        for decision in done:
+        """Ack or dead-letter every settled decision, with its event, in one script."""
+        settling = [d for d in decisions if d.kind is not Kind.RETRY]
+        settlements = [settlement(d) for d in settling]
+        emitted = self.call_redis(lambda: self.stream.settle(settlements))
+        self.metrics.events.inc(emitted)
+        for decision in settling:
             self._report(decision, released)
         for decision in decisions:
             outcome = decision.outcome
-            if decision.kind in (Kind.FAILED, Kind.DEAD_LETTERED):
-                self._dead_letter(decision, released)
-            elif decision.kind is Kind.RETRY and not outcome.disk_error:
+            if decision.kind is Kind.RETRY and not outcome.disk_error:
                 self.metrics.errors.labels(kind="task").inc()
                 log.warning(
                     "task %s/%s left pending: %s",
@@ -383,14 +399,6 @@ class Worker:
                     outcome.image_id,
                     outcome.error,
                 )
-
-    def _dead_letter(self, decision: Decision, released: set[str]) -> None:
-        outcome = decision.outcome
-        extra = {"request_id": outcome.request_id or "", "image_id": outcome.image_id or ""}
-        self.call_redis(
-            lambda: self.stream.dead_letter(outcome.entry, outcome.error or "failed", extra)
-        )
-        self._report(decision, released)
 
     def _report(self, decision: Decision, released: set[str]) -> None:
         outcome, kind = decision.outcome, decision.kind

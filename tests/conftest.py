@@ -24,6 +24,8 @@ from returner.embedded import EmbeddedRedis, redis_server_binary
 from returner.errors import DiskError
 from returner.results import Store
 from returner.settings import Settings
+from returner.stream import Settlement
+from returner.task import Entry
 
 
 def server_binaries() -> list[str]:
@@ -193,6 +195,17 @@ def count_records(output_dir: Path) -> int:
         return 0
     finally:
         store.close()
+
+
+def acked(*entries: Entry) -> list[Settlement]:
+    """Settlements that ack these entries as completed (with empty ids in their events)."""
+    return [Settlement(entry, "completed", "completed") for entry in entries]
+
+
+def dead_lettered(entry: Entry, error: str, request_id: str | None = None,
+         image_id: str | None = None) -> list[Settlement]:
+    """The settlement that dead-letters one failed entry."""
+    return [Settlement(entry, "failed", "failed", request_id, image_id, None, error)]
 
 
 # What a clean shutdown leaves besides JPEGs, the view and archives: the store, the

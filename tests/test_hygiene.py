@@ -27,7 +27,7 @@ from returner.output import Results
 from returner.settings import Settings
 from returner.stream import Consumer, Keys, Observation, Stream
 from returner.worker import Worker
-from tests.conftest import Frames, random_frame, read_results, wait_for
+from tests.conftest import Frames, acked, random_frame, read_results, wait_for
 from tests.e2e.conftest import base_env, run_cli
 from tests.test_worker import assert_drained, running, shm_name
 
@@ -176,7 +176,7 @@ def test_removal_checks_again_that_the_consumer_holds_nothing(
         )
         assert [row["message_id"].decode() for row in rows] == [entry.id]
 
-        ghost.ack([entry.id])
+        ghost.settle(acked(entry))
         assert worker.stream.forget("ghost") is True
         assert "ghost" not in members(each_redis, queue)
 

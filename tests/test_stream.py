@@ -4,6 +4,7 @@ redis-server version available, since their reply shapes differ between 6.2 and 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -11,9 +12,9 @@ from typing import Any
 
 import redis
 
-from returner.stream import Keys, Stream
+from returner.stream import Events, Keys, Settlement, Stream
 from returner.task import Entry
-from tests.conftest import wait_for
+from tests.conftest import acked, dead_lettered, wait_for
 
 GROUP = "g"
 # Payloads the mirror must carry byte for byte: invalid UTF-8, NUL, empty, multi-byte.
@@ -216,8 +217,8 @@ def test_ack_removes_entries_from_pel_and_stream(r: redis.Redis, queue: str) -> 
     r.rpush(queue, b"a", b"b", b"c")
     a, b, c = stream.fetch(3)
 
-    stream.ack([a.id, c.id])
-    stream.ack([])
+    stream.settle(acked(a, c))
+    stream.settle([])
 
     assert pel(r, stream) == {b.id: ("c1", 1)}
     assert r.xlen(stream.keys.stream) == 1
@@ -229,7 +230,7 @@ def test_dead_letter_keeps_original_bytes_and_settles_the_entry(r: redis.Redis, 
     r.rpush(queue, b"\xff\x00poison", b"other")
     poison, other = stream.fetch(2)
 
-    stream.dead_letter(poison, "segment vanished", {"request_id": "req-9"})
+    stream.settle(dead_lettered(poison, "segment vanished", "req-9"))
 
     [(_, fields)] = xrange(r, stream.keys.dead)
     assert fields[b"task"] == b"\xff\x00poison"
@@ -240,11 +241,102 @@ def test_dead_letter_keeps_original_bytes_and_settles_the_entry(r: redis.Redis, 
     assert stream_tasks(r, stream) == [b"other"]
 
 
+def test_each_settled_entry_gets_one_event_with_the_contracts_fields(
+    r: redis.Redis, queue: str
+) -> None:
+    stream = make(r, queue)
+    r.rpush(queue, b"good", b"bad")
+    good, bad = stream.fetch(2)
+    done = Settlement(good, "duplicate", "completed", "req", "img-1", "/out/img-1.jpg")
+    failed = Settlement(bad, "failed", "failed", "req", "img-2", None, "no segment")
+
+    assert stream.settle([done, failed]) == 2
+
+    events = [fields for _, fields in xrange(r, stream.keys.events)]
+    assert [e[b"entry_id"] for e in events] == [good.id.encode(), bad.id.encode()]
+    assert {k.decode() for k in events[0]} == {
+        "request_id", "image_id", "status", "outcome", "file_path", "error", "entry_id",
+        "timestamp"}
+    assert (events[0][b"status"], events[0][b"outcome"], events[0][b"file_path"]) == (
+        b"completed", b"duplicate", b"/out/img-1.jpg")
+    assert (events[1][b"status"], events[1][b"outcome"], events[1][b"error"]) == (
+        b"failed", b"failed", b"no segment")
+    assert events[1][b"file_path"] == b"" and events[0][b"error"] == b""
+    assert events[0][b"timestamp"].endswith(b"+00:00")
+    assert [f[b"task"] for _, f in xrange(r, stream.keys.dead)] == [b"bad"]
+
+
+def test_an_entry_settled_elsewhere_gets_no_second_event(r: redis.Redis, queue: str) -> None:
+    """Two workers holding one entry (one claimed it from the other) both settle it: the
+    second finds it acked, and adds neither an event nor a dead letter."""
+    slow, fast = make(r, queue, "slow"), make(r, queue, "fast")
+    r.rpush(queue, b"task")
+    [entry] = slow.fetch(1)
+
+    assert fast.settle(acked(entry)) == 1
+    assert slow.settle(acked(entry)) == 0
+    assert slow.settle(dead_lettered(entry, "late")) == 0
+
+    assert r.xlen(slow.keys.events) == 1 and r.xlen(slow.keys.dead) == 0
+
+
+def test_an_unsettled_entry_has_no_event(r: redis.Redis, queue: str) -> None:
+    stream = make(r, queue)
+    r.rpush(queue, b"held")
+    stream.fetch(1)
+    stream.touch(list(pel(r, stream)))
+    assert r.xlen(stream.keys.events) == 0
+
+
+def test_events_are_capped_at_about_events_maxlen(r: redis.Redis, queue: str) -> None:
+    stream = Stream(r, queue, GROUP, "c1", events=Events(maxlen=50))
+    stream.ensure_group()
+    r.rpush(queue, *[f"t{i}".encode() for i in range(1000)])
+    while entries := stream.fetch(100):
+        stream.settle(acked(*entries))
+    # MAXLEN ~ trims whole macro-nodes (100 entries by default), never below the cap.
+    assert 50 <= r.xlen(stream.keys.events) <= 150
+
+
+def test_events_are_published_upstream_style_when_asked(r: redis.Redis, queue: str) -> None:
+    stream = Stream(r, queue, GROUP, "c1", events=Events(publish=True))
+    stream.ensure_group()
+    listener = r.pubsub()
+    listener.subscribe("events:req-7")
+    wait_for(lambda: listener.get_message(timeout=0.1), what="the subscription")
+    r.rpush(queue, b"a", b"b")
+    a, b = stream.fetch(2)
+    stream.settle([Settlement(a, "completed", "completed", "req-7", "img", "/o/img.jpg")])
+    stream.settle(dead_lettered(b, "bad shape", "req-7", "img-b"))
+
+    messages = [wait_for(lambda: listener.get_message(timeout=0.1), what="an event")
+                for _ in range(2)]
+    docs = [json.loads(m["data"]) for m in messages]
+    assert [(d["request_id"], d["event"]) for d in docs] == [
+        ("req-7", "hosting_completed"), ("req-7", "hosting_failed")]
+    assert docs[0]["data"]["file_path"] == "/o/img.jpg"
+    assert docs[1]["data"]["error"] == "bad shape"
+    listener.close()
+
+
+def test_read_events_follows_from_an_id(r: redis.Redis, queue: str) -> None:
+    stream = make(r, queue)
+    r.rpush(queue, b"a", b"b", b"c")
+    a, b, c = stream.fetch(3)
+    stream.settle(acked(a, b))
+    first = stream.read_events()
+    assert [e["entry_id"] for e in first] == [a.id, b.id]
+    assert stream.read_events(first[-1].id, block_ms=10) == []
+    stream.settle(acked(c))
+    assert [e["entry_id"] for e in stream.read_events(first[-1].id)] == [c.id]
+    assert [e["entry_id"] for e in stream.last_events(2)] == [b.id, c.id]
+
+
 def test_revive_moves_a_dead_letter_back_as_a_new_entry(r: redis.Redis, queue: str) -> None:
     stream = make(r, queue)
     r.rpush(queue, b"\xfe retry me")
     [entry] = stream.fetch(1)
-    stream.dead_letter(entry, "transient", {})
+    stream.settle(dead_lettered(entry, "transient"))
     [(dead_id, _)] = stream.dead_letters(10)
 
     new_id = stream.revive(dead_id)
@@ -274,7 +366,7 @@ def test_status_reports_lengths_pending_and_dead_letters(r: redis.Redis, queue: 
     r.rpush(queue, *[f"t{i}".encode() for i in range(5)])
     busy.fetch(2)
     [bad] = quitter.fetch(1)
-    quitter.dead_letter(bad, "bad", {})
+    quitter.settle(dead_lettered(bad, "bad"))
 
     def oldest_busy_ms() -> int:
         by_name = {c["name"]: c for c in busy.status(10_000)["consumers"]}
@@ -310,7 +402,7 @@ def test_fetch_recreates_the_group_after_the_stream_is_deleted(each_redis: redis
     stream = make(each_redis, queue)
     each_redis.rpush(queue, b"before")
     [before] = stream.fetch(1)
-    stream.ack([before.id])
+    stream.settle(acked(before))
     each_redis.delete(stream.keys.stream)
     each_redis.rpush(queue, b"\xffafter")
 

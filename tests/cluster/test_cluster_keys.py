@@ -25,7 +25,7 @@ from redis.crc import key_slot
 from returner.stream import Keys, Replication, Server, Stream
 from tests.cluster.conftest import Cluster, Node
 from tests.cluster.support import GROUP, fresh_queue, not_owner, push
-from tests.conftest import wait_for
+from tests.conftest import acked, dead_lettered, wait_for
 
 SOURCES = {
     path.name.removesuffix(".lua"): path.read_bytes()
@@ -228,10 +228,13 @@ def test_every_operation_keeps_to_the_slot_of_the_queue(
     assert [(e.id, e.deliveries) for e in entries] == [(got[0].id, 2), (got[1].id, 2)]
     assert (last, gone) == (got[2].id, 1)
     step("own_pending", "pending")
-    alpha.ack([got[0].id])
-    step("ack", "ack")
-    alpha.dead_letter(entries[1], "broken frame", {"request_id": "req", "image_id": "img"})
-    step("dead_letter", "dead_letter")
+    assert alpha.settle(acked(entries[0])) == 1
+    step("ack", "settle")
+    assert alpha.settle(dead_lettered(entries[1], "broken frame", "req", "img")) == 1
+    step("dead_letter", "settle")
+    events = owner.xrange(keys.events)
+    assert [(f["outcome"], f["entry_id"]) for _, f in events] == [
+        ("completed", got[0].id), ("failed", got[1].id)]
 
     held = ghost.fetch(3)  # a consumer that then goes silent
     owner.xdel(keys.stream, held[0].id)
@@ -280,10 +283,11 @@ def test_every_operation_keeps_to_the_slot_of_the_queue(
         if segment.label in expected:
             assert set(segment.scripts) == expected[segment.label], segment.label
             assert any(c.client != "lua" for c in segment.owner), segment.label
-    assert ran == set(SCRIPTS.values())  # all nine scripts ran
+    assert ran == set(SCRIPTS.values())  # every script ran
     lua_keys = {k for s in monitor.segments for c in s.owner if c.client == "lua"
                 for k in monitor.keys_of(c)}  # fmt: skip
-    assert lua_keys == {queue.encode(), keys.stream.encode(), keys.dead.encode()}
+    assert lua_keys == {queue.encode(), keys.stream.encode(), keys.dead.encode(),
+                        keys.events.encode()}
 
 
 def test_wait_follows_each_write_on_the_same_connection(
@@ -304,14 +308,14 @@ def test_wait_follows_each_write_on_the_same_connection(
     got = stream.fetch(5)
     assert [e.task for e in got] == [b"one", b"two"]
     stream.touch([got[0].id])  # not a write that must survive a failover: no WAIT
-    stream.ack([got[0].id])
-    stream.dead_letter(got[1], "bad", {})
+    stream.settle(acked(got[0]))
+    stream.settle(dead_lettered(got[1], "bad"))
     segment = monitor.mark("replicated")
 
     assert monitor.violations(segment) == []
-    assert segment.scripts == ["fetch", "touch", "ack", "dead_letter"]
+    assert segment.scripts == ["fetch", "touch", "settle", "settle"]
     sent = [c for c in segment.owner if c.client != "lua" and c.name in ("EVALSHA", "WAIT")]
     names = [c.name if c.name == "WAIT" else SCRIPTS[c.args[1].decode()] for c in sent]
-    assert names == ["fetch", "WAIT", "touch", "ack", "WAIT", "dead_letter", "WAIT"]
+    assert names == ["fetch", "WAIT", "touch", "settle", "WAIT", "settle", "WAIT"]
     assert all(c.args[1:] == (b"1", b"20") for c in sent if c.name == "WAIT")
     assert short == [(1, 0)] * 3

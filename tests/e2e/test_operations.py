@@ -16,7 +16,7 @@ import redis
 from returner.demo import task_message
 from returner.stream import Keys, Stream
 from returner.task import Entry
-from tests.conftest import Frames, random_frame, read_results, wait_for
+from tests.conftest import Frames, dead_lettered, random_frame, read_results, wait_for
 from tests.e2e.conftest import Service, run_cli
 from tests.e2e.test_recovery import strand
 from tests.e2e.test_run import results_count
@@ -339,11 +339,7 @@ def test_replay_dead_letters_by_request_id_and_limit(
     ids = [("req_a", "a_0"), ("req_b", "b_0"), ("req_a", "a_1"), ("req_c", "c_0")]
     ghost, entries = strand_ids(r, queue, frames, ids)
     for entry, (request_id, image_id) in zip(entries, ids, strict=True):
-        ghost.dead_letter(
-            entry,
-            f"outage while saving {image_id}",
-            {"request_id": request_id, "image_id": image_id},
-        )
+        ghost.settle(dead_lettered(entry, f"outage while saving {image_id}", request_id, image_id))
     dead = keys(queue).dead
     assert r.xlen(dead) == 4
     dead_ids = {f[b"image_id"].decode(): _text(i) for i, f in rows(r, dead)}
@@ -415,7 +411,7 @@ def test_replay_dead_letters_limit_without_filter(
 ) -> None:
     ghost, entries = strand_ids(r, queue, frames, [("req_x", "x_0"), ("req_y", "y_0")])
     for entry, image_id in zip(entries, ("x_0", "y_0"), strict=True):
-        ghost.dead_letter(entry, "disk was full", {"request_id": "req", "image_id": image_id})
+        ghost.settle(dead_lettered(entry, "disk was full", "req", image_id))
 
     dry = run_cli("replay", "--dead-letter", "--dry-run", env=service_env, cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
@@ -465,9 +461,7 @@ def test_status_json_after_known_work(
 ) -> None:
     complete_with_service(service, r, queue, output_dir, frames, 3)
     ghost, entries = strand_ids(r, queue, frames, [("req_s", "s_0"), ("req_s", "s_1")])
-    ghost.dead_letter(
-        entries[0], "encoder exploded on s_0", {"request_id": "req_s", "image_id": "s_0"}
-    )
+    ghost.settle(dead_lettered(entries[0], "encoder exploded on s_0", "req_s", "s_0"))
     r.rpush(queue, b"waiting one")
     r.rpush(queue, b"waiting two")
 
@@ -519,7 +513,7 @@ def test_status_json_counts_are_numbers(
 ) -> None:
     """Every count in the JSON report is a JSON number, including a dead letter's deliveries."""
     ghost, entries = strand_ids(r, queue, frames, [("req_n", "n_0")])
-    ghost.dead_letter(entries[0], "gave up", {"request_id": "req_n", "image_id": "n_0"})
+    ghost.settle(dead_lettered(entries[0], "gave up", "req_n", "n_0"))
     report = json.loads(run_cli("status", "--json", env=service_env, cwd=tmp_path).stdout)
     [error] = report["last_errors"]
     assert error["deliveries"] == 1, f"deliveries is {error['deliveries']!r}, not the number 1"
@@ -539,9 +533,7 @@ def test_status_text(
     ghost, entries = strand_ids(
         r, queue, frames, [("req_t", "t_0"), ("req_t", "t_1"), ("req_t", "t_2")]
     )
-    ghost.dead_letter(
-        entries[0], "segment vanished mid-read", {"request_id": "req_t", "image_id": "t_0"}
-    )
+    ghost.settle(dead_lettered(entries[0], "segment vanished mid-read", "req_t", "t_0"))
     r.rpush(queue, b"waiting")
 
     shown = run_cli("status", env=service_env, cwd=tmp_path)

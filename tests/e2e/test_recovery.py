@@ -9,7 +9,7 @@ from pathlib import Path
 import redis
 
 from returner.stream import Stream
-from tests.conftest import Frames, random_frame, read_results, wait_for
+from tests.conftest import Frames, dead_lettered, random_frame, read_results, wait_for
 from tests.e2e.conftest import run_cli
 from tests.e2e.test_run import results_count
 
@@ -54,7 +54,7 @@ def test_replay_dead_letters(service, service_env: dict[str, str], r: redis.Redi
                              output_dir: Path, frames: Frames, tmp_path: Path) -> None:
     ghost = strand(r, queue, frames, 2)
     for entry in ghost.own_pending("0", 10)[0]:
-        ghost.dead_letter(entry, "simulated outage", {})
+        ghost.settle(dead_lettered(entry, "simulated outage"))
     assert r.xlen(f"{{{queue}}}:dead") == 2
 
     moved = run_cli("replay", "--dead-letter", env=service_env, cwd=tmp_path)
