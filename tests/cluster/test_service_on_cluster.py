@@ -83,8 +83,11 @@ def test_run_through_a_master_that_does_not_own_the_queue(
     state = queue_state(cluster, queue)
     assert state.drained and state.dead_letters == 0
     assert set(state.consumers) == names
-    stream = Keys.for_queue(queue).stream
-    assert owner.r.exists(stream) == 1  # a plain client: it would answer MOVED elsewhere
+    keys = Keys.for_queue(queue)
+    assert owner.r.exists(keys.stream) == 1  # a plain client: it would answer MOVED elsewhere
+    events = [fields for _, fields in owner.r.xrange(keys.events)]
+    assert sorted(e["image_id"] for e in events) == sorted(sent)  # one event per task
+    assert {e["status"] for e in events} == {"completed"}
 
 
 def test_wait_shortfalls_are_counted_and_work_goes_on(

@@ -147,7 +147,8 @@ def test_crash_storm(service: Callable[..., Service], r: redis.Redis, queue: str
           f"{recovered} entries recovered, {redelivered_dups} settled as duplicates, "
           f"{swept} dead writers' moves finished and temp files removed; "
           f"{storm_done} done during the storm), lost {lost}, duplicate completed "
-          f"{duplicates}, orphans {orphans}, reads {reader.reads}, invalid reads "
+          f"{duplicates}, orphans {orphans}, events {r.xlen(keys.events)}, reads "
+          f"{reader.reads}, invalid reads "
           f"{reader.invalid}, segments left {segments_left}, {elapsed:.1f}s; "
           f"modes {dict(Counter(modes))}")
 
@@ -164,4 +165,10 @@ def test_crash_storm(service: Callable[..., Service], r: redis.Redis, queue: str
     assert r.llen(queue) == 0 and r.xlen(keys.stream) == 0 and r.xlen(keys.dead) == 0
     assert r.xpending(keys.stream, "returner")["pending"] == 0
     assert in_flight >= KILLS // 2, f"only {in_flight} kills landed with work in flight"
+    # One event per settled entry, whatever the kills: none lost, none extra.
+    events = [fields for _, fields in r.xrange(keys.events)]
+    assert len(events) == TASKS, f"{len(events)} events for {TASKS} settled entries"
+    assert len({e[b"entry_id"] for e in events}) == TASKS
+    assert {e[b"image_id"].decode() for e in events} == expected
+    assert {e[b"status"] for e in events} == {b"completed"}
     assert dot_files(output_dir) == CLEAN_DOT_FILES

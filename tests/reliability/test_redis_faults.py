@@ -120,8 +120,8 @@ def test_sigterm_while_redis_is_still_down(service: Callable[..., Service],
 # free of it (Redis 7.0 does not know the subcommand and refuses the grant).
 ACL_SETUSER = (
     "ACL SETUSER returner on >s3cret resetkeys ~hosting:tasks ~{hosting:tasks}:* "
-    "resetchannels -@all +blmove +evalsha +info +llen +lpop +ping +script|load +time +xack "
-    "+xadd +xautoclaim +xclaim +xdel +xgroup|create +xgroup|delconsumer "
+    "resetchannels &events:* -@all +blmove +evalsha +info +llen +lpop +ping +publish "
+    "+script|load +time +xack +xadd +xautoclaim +xclaim +xdel +xgroup|create +xgroup|delconsumer "
     "+xinfo|consumers +xlen +xpending +xrange +xreadgroup +xrevrange"
 )
 ACL_QUEUE = "hosting:tasks"
@@ -173,7 +173,7 @@ def run_acl_scenario(server: EmbeddedRedis, acl_line: str, start: StartService, 
     url = f"redis://{ACL_USER}:{ACL_PASSWORD}@127.0.0.1:{server.port}/0"
     env = base_env(REDIS_URL=url, HOSTING_TASKS_QUEUE=ACL_QUEUE, OUTPUT_DIR=out,
                    CONSUMER_NAME="acl", METRICS_PORT=0, ENCODER_THREADS=2,
-                   CONSUMER_TIMEOUT_MS=3000, LOG_LEVEL="INFO")
+                   CONSUMER_TIMEOUT_MS=3000, LOG_LEVEL="INFO", PUBLISH_EVENTS="true")
 
     def task(rid: str, seed: int) -> bytes:
         return frames.task(random_frame((32, 48, 3), seed=seed), rid, f"img-{rid}")
@@ -268,6 +268,7 @@ def test_acl_user_with_least_privilege(acl_server: EmbeddedRedis, service: Calla
     assert {b"get", b"other"} <= objects, objects
     assert admin.get("other") == b"secret"
     assert user.llen(ACL_QUEUE) == 0  # and its own key, yes
+    assert user.publish("events:req_1", "x") == 0  # and its own channels
 
 
 # What the client side sends (returner/stream.py, redis-py's Script: EVALSHA, and SCRIPT
@@ -293,9 +294,9 @@ def test_acl_grants_match_what_the_code_calls() -> None:
     words = ACL_SETUSER.split()
     assert words[:5] == ["ACL", "SETUSER", ACL_USER, "on", f">{ACL_PASSWORD}"]
     assert words[5:9] == ["resetkeys", f"~{ACL_QUEUE}", f"~{{{ACL_QUEUE}}}:*", "resetchannels"]
-    assert words[9] == "-@all"
+    assert words[9:11] == ["&events:*", "-@all"]  # PUBLISH_EVENTS: events:{request_id}
     granted = acl_commands(ACL_SETUSER)
-    assert len(granted) == len(set(granted)) == len(words) - 10
+    assert len(granted) == len(set(granted)) == len(words) - 11
     lua = lua_commands()
     assert "xautoclaim" in lua and "xgroup|delconsumer" in lua  # the parse found them
     assert lua - set(granted) == set(), "a script calls a command the user may not run"
