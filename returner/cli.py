@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import simplejpeg
 import typer
 from prometheus_client import CollectorRegistry
 from rich.console import Console
@@ -26,6 +27,7 @@ from returner import __version__, demo, logs
 from returner.embedded import EmbeddedRedis
 from returner.errors import ReturnerError, SettingsError
 from returner.metrics import Checks, Health, Metrics, MetricsServer
+from returner.producer import Producer
 from returner.results import Store
 from returner.settings import Settings, load_settings
 from returner.stream import Event, Events, Replication, Server, Stream, translated
@@ -249,8 +251,8 @@ def start_metrics(
 
 def push_demo(url: str, settings: Settings, count: int) -> list[str]:
     """Push `count` sample frames onto the queue; their segment names."""
-    client = Server(url, settings.redis_cluster).general()
-    return demo.push_demo(client, settings.hosting_tasks_queue, count)
+    producer = Producer(url, settings.hosting_tasks_queue, cluster=settings.redis_cluster)
+    return demo.push_demo(producer, count)
 
 
 def start_demo(url: str, settings: Settings, count: int) -> None:
@@ -385,10 +387,12 @@ def replay_dead(stream: Stream, request_id: str | None, limit: int | None, dry_r
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, what: str) -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    total: int, what: str, done_word: str = "claimed"
+) -> Iterator[Callable[[int], None]]:
     """A rich progress bar on a terminal, plain lines otherwise; yields `advance(done)`."""
     if not sys.stderr.isatty():
-        yield lambda done: typer.echo(f"{what}: {done} claimed", err=True)
+        yield lambda done: typer.echo(f"{what}: {done} {done_word}", err=True)
         return
     with Progress(*Progress.get_default_columns(), console=Console(stderr=True)) as bar:
         task = bar.add_task(what, total=max(total, 1))
@@ -718,6 +722,65 @@ class Waiting:
                     self.failed = None  # a replay completed what had failed
             else:
                 self.failed = event
+
+
+PUSH_AT_ONCE = 16  # frames per RPUSH: /dev/shm holds at most this many in flight
+
+
+@app.command("push")
+def push_cmd(
+    files: Annotated[list[Path], typer.Argument(help="JPEG files, each one frame.")],
+    request_id: Annotated[str, typer.Option("--request-id", help="request_id of every task.")],
+    image_id: Annotated[
+        str | None,
+        typer.Option("--image-id", help="image_id (one file only; default: the file's stem)."),
+    ] = None,
+    redis_url: RedisUrl = None,
+    queue: Queue = None,
+) -> None:
+    """Decode JPEG files into shared memory and push their tasks, as a renderer would.
+
+    A file that cannot be decoded is reported and skipped; exit 1 if any was.
+    Example: returner push pages/*.jpg --request-id req_smoke
+    """
+    if image_id is not None and len(files) != 1:
+        raise fail("--image-id goes with exactly one file")
+    settings = settings_from(redis_url=redis_url, hosting_tasks_queue=queue, log_level="WARNING")
+    skipped = 0
+    with redis_url_for(settings, embedded_ok=False) as url:
+        producer = Producer(
+            url,
+            settings.hosting_tasks_queue,
+            settings.redis_wait_replicas,
+            settings.redis_wait_timeout_ms,
+            settings.redis_cluster,
+        )
+        with progress_bar(len(files), "pushing", "pushed") as advance:
+            for start in range(0, len(files), PUSH_AT_ONCE):
+                chunk = files[start : start + PUSH_AT_ONCE]
+                items = [
+                    (frame, request_id, image_id or path.stem) for path, frame in decoded(chunk)
+                ]
+                skipped += len(chunk) - len(items)
+                try:
+                    producer.publish_many(items)
+                except ReturnerError as exc:
+                    raise fail(str(exc), 1) from None
+                advance(start + len(chunk))
+    typer.echo(f"pushed {len(files) - skipped} frames onto {settings.hosting_tasks_queue}")
+    if skipped:
+        raise typer.Exit(1)
+
+
+def decoded(paths: list[Path]) -> Iterator[tuple[Path, Any]]:
+    """(path, RGB frame) of each file that decodes as a JPEG; the others are reported."""
+    for path in paths:
+        try:
+            frame = simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB")
+        except (OSError, ValueError) as exc:
+            typer.echo(f"returner: skipping {path}: not a readable JPEG ({exc})", err=True)
+            continue
+        yield path, frame
 
 
 @app.command()

@@ -23,6 +23,10 @@ class BadFrame(PermanentError):
     """The shared-memory segment is missing or does not match the message."""
 
 
+class MissingSegment(BadFrame):
+    """The segment does not exist: often a renderer whose resource tracker unlinked it."""
+
+
 class TransientError(ReturnerError):
     """The world is failing (Redis, disk): keep the task pending and back off."""
 

@@ -21,7 +21,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from returner.errors import BadFrame, TransientError
+from returner.errors import BadFrame, MissingSegment, TransientError
 from returner.task import Task
 
 T = TypeVar("T")
@@ -67,7 +67,7 @@ def _map(task: Task) -> mmap.mmap:
         # O_NONBLOCK: a FIFO planted under a segment's name must not block the thread.
         fd = _posixshmem.shm_open("/" + name, os.O_RDONLY | os.O_NONBLOCK, 0)
     except FileNotFoundError:
-        raise BadFrame(f"shared memory segment {name!r} does not exist") from None
+        raise MissingSegment(f"shared memory segment {name!r} does not exist") from None
     except PermissionError:
         raise BadFrame(
             f"no permission to open segment {name!r}: run as the renderer's user"

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 OUTCOMES = (Kind.COMPLETED, Kind.DUPLICATE, Kind.FAILED, Kind.DEAD_LETTERED)
 STAGES = ("load", "encode", "write", "commit", "ack")
-ERROR_KINDS = ("redis", "disk", "task")
+# missing_segment: a task failed because its segment did not exist (see the README).
+ERROR_KINDS = ("redis", "disk", "task", "missing_segment")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _STAGE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 _DELIVERY_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 20)
@@ -69,7 +70,10 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter(
-            "returner_errors", "Errors by kind: redis, disk, task.", ["kind"], registry=r
+            "returner_errors",
+            "Errors by kind: redis, disk, task, missing_segment.",
+            ["kind"],
+            registry=r,
         )
         self.reconnects = Counter(
             "returner_redis_reconnects", "Times Redis answered again after failing.", registry=r

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from returner import frames
 from returner.encode import JpegOptions, encode
-from returner.errors import DiskError, PermanentError, TransientError
+from returner.errors import DiskError, MissingSegment, PermanentError, TransientError
 from returner.output import Results
 from returner.task import Entry, Kind, Outcome, Rules, name_problem, parse_task, read_ids
 
@@ -127,6 +127,7 @@ class Pipeline:
             self._load_and_encode(outcome)
         except PermanentError as exc:
             outcome.kind, outcome.error = Kind.FAILED, str(exc)
+            outcome.segment_missing = isinstance(exc, MissingSegment)
             outcome.shm_name = outcome.shm_name or self._safe(shm_name)
         except TransientError as exc:
             outcome.error = str(exc)

@@ -208,6 +208,7 @@ class Outcome:
     data: bytes | None = None  # the encoded JPEG, until it is written
     temp_path: Path | None = None  # encoded JPEG, fsynced, waiting for its final name
     disk_error: bool = False  # a RETRY caused by the output disk: pause the worker
+    segment_missing: bool = False  # FAILED because the segment did not exist
     size: int = 0  # JPEG bytes written
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 

@@ -406,6 +406,8 @@ class Worker:
         latency = max(0.0, time.time() - entry.millis / 1000)
         self.tally.add(kind)
         self.metrics.tasks.labels(outcome=kind.value).inc()
+        if kind is Kind.FAILED and outcome.segment_missing:
+            self.metrics.errors.labels(kind="missing_segment").inc()
         self.metrics.duration.observe(latency)
         self.metrics.deliveries.observe(entry.deliveries)
         if kind is Kind.COMPLETED:

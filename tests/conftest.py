@@ -8,9 +8,12 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,9 @@ import pytest
 import redis
 
 from returner import frames as shm
-from returner.demo import put_frame, task_message
 from returner.embedded import EmbeddedRedis, redis_server_binary
 from returner.errors import DiskError
+from returner.producer import put_segment, task_message
 from returner.results import Store
 from returner.settings import Settings
 from returner.stream import Settlement
@@ -118,6 +121,17 @@ def make_settings(redis_url: str, queue: str, output_dir: Path) -> Callable[...,
     return make
 
 
+def upstream_segment(size: int, name: str | None = None) -> SharedMemory:
+    """A segment made the way the upstream renderer makes it (`SharedMemory(create=True)`),
+    then taken off this process's resource tracker, so the test decides when it goes."""
+    name = name or f"img_shm_{uuid.uuid4().hex}"
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name=name, create=True, size=size, track=False)  # type: ignore[call-arg]
+    segment = SharedMemory(name=name, create=True, size=size)
+    resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+    return segment
+
+
 class Frames:
     """Creates real segments like the renderer, and removes leftovers after the test."""
 
@@ -125,7 +139,7 @@ class Frames:
         self.names: list[str] = []
 
     def put(self, frame: np.ndarray) -> str:
-        name = put_frame(frame)
+        name = put_segment(np.ascontiguousarray(frame))
         self.names.append(name)
         return name
 

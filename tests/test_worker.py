@@ -23,7 +23,6 @@ import pytest
 import redis
 import simplejpeg
 
-from returner.demo import create_segment
 from returner.metrics import Metrics
 from returner.settings import Settings
 from returner.stream import Stream
@@ -35,6 +34,7 @@ from tests.conftest import (
     psnr,
     random_frame,
     read_results,
+    upstream_segment,
     wait_for,
 )
 
@@ -286,7 +286,7 @@ def test_bad_messages_fail_and_are_dead_lettered(
 ) -> None:
     settings = make_settings(MAX_PIXELS=10_000)
     bad, unlinkable = bad_messages(frames)
-    foreign = create_segment(16 * 16 * 3, name=f"foreign_{uuid.uuid4().hex}")
+    foreign = upstream_segment(16 * 16 * 3, name=f"foreign_{uuid.uuid4().hex}")
     foreign.close()
     frames.names.append(foreign.name)
     bad.append(message(foreign.name, [16, 16, 3], "bad-pattern", "i"))

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from returner.demo import task_message
+from returner.producer import task_message
 from returner.stream import Keys, Stream
 from returner.task import Entry
 from tests.conftest import Frames, dead_lettered, random_frame, read_results, wait_for

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from returner.demo import task_message
+from returner.producer import task_message
 from returner.stream import Keys
 from tests.conftest import Frames, count_records, random_frame, read_results, wait_for
 from tests.e2e.conftest import Service

@@ -29,10 +29,9 @@ import pytest
 import redis
 
 from returner import frames as shm
-from returner.demo import create_segment
 from returner.settings import Settings
 from returner.stream import Keys
-from tests.conftest import Frames, random_frame, read_results, wait_for
+from tests.conftest import Frames, random_frame, read_results, upstream_segment, wait_for
 from tests.e2e.conftest import base_env
 from tests.test_worker import (
     assert_drained,
@@ -57,7 +56,7 @@ class Segments:
         self.names: list[str] = []
 
     def make(self, data: bytes, name: str | None = None) -> str:
-        seg = create_segment(max(len(data), 1), name=name)
+        seg = upstream_segment(max(len(data), 1), name=name)
         try:
             assert seg.buf is not None
             seg.buf[: len(data)] = data
