@@ -22,16 +22,19 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from returner import __version__, demo, logs
 from returner.embedded import EmbeddedRedis
 from returner.errors import ReturnerError, SettingsError
+from returner.logs import escape_controls
 from returner.metrics import Checks, Health, Metrics, MetricsServer
 from returner.producer import Producer
 from returner.results import Store
 from returner.settings import Settings, load_settings
-from returner.stream import Event, Events, Replication, Server, Stream, translated
+from returner.stream import Event, Replication, Server, Settling, Stream, translated
 from returner.supervisor import Supervisor, report_health
+from returner.task import brief
 from returner.worker import Worker
 
 log = logging.getLogger("returner")
@@ -96,7 +99,12 @@ def stream_for(settings: Settings, url: str, consumer: str | None = None) -> Str
         settings.consumer_group,
         consumer or settings.consumer_name,
         Replication(settings.redis_wait_replicas, settings.redis_wait_timeout_ms),
-        Events(settings.events_maxlen, settings.publish_events),
+        Settling(
+            settings.events_maxlen,
+            settings.publish_events,
+            settings.dead_letters_maxlen,
+            settings.max_task_bytes,
+        ),
     )
 
 
@@ -443,7 +451,7 @@ def show_status(report: dict[str, Any]) -> None:
     for c in report["consumers"]:
         age = c["oldest_pending_ms"]
         table.add_row(
-            c["name"],
+            Text(escape_controls(c["name"])),
             str(c["pending"]),
             "-" if age is None else f"{age / 1000:.1f}s",
             f"{c['idle_ms'] / 1000:.1f}s",
@@ -454,7 +462,9 @@ def show_status(report: dict[str, Any]) -> None:
     console.print(table)
     console.print(f"dead letters: {report['dead_letters']}")
     for e in report["last_errors"]:
-        console.print(f"  {e['id']}  {e['request_id']}/{e['image_id']}: {e['error']}", markup=False)
+        ids = f"{brief(e['request_id'])}/{brief(e['image_id'])}"
+        line = f"  {e['id']}  {ids}: {brief(e['error'], 200)}"
+        console.print(escape_controls(line), markup=False)
     records = report["results"]["records"]
     console.print(f"results: {'no store yet' if records is None else f'{records} records'}")
 
@@ -648,7 +658,7 @@ def event_printer() -> Callable[[list[Event]], None]:
             return
         table = Table(*EVENT_COLUMNS, box=None, show_header=header[0])
         for event in batch:
-            table.add_row(*(event[c] or "-" for c in EVENT_COLUMNS))
+            table.add_row(*(Text(escape_controls(event[c]) or "-") for c in EVENT_COLUMNS))
         console.print(table)
         header[0] = False
 

@@ -10,6 +10,23 @@ from datetime import UTC, datetime
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
+# C0 controls, DEL and C1 controls: a message's value must not forge lines or move the
+# cursor of whoever reads a text log. JSON logs escape them already.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def escape_controls(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
+class TextFormatter(logging.Formatter):
+    """The standard format, with control characters in the message escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {
@@ -32,7 +49,7 @@ def setup(level: str, fmt: str, worker: str | None = None) -> None:
     else:
         tag = f" [{worker}]" if worker else ""
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)-7s{tag} %(name)s: %(message)s")
+            TextFormatter(f"%(asctime)s %(levelname)-7s{tag} %(name)s: %(message)s")
         )
     if worker:
 

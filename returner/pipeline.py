@@ -16,7 +16,7 @@ from returner import frames
 from returner.encode import JpegOptions, encode
 from returner.errors import DiskError, MissingSegment, PermanentError, TransientError
 from returner.output import Results
-from returner.task import Entry, Kind, Outcome, Rules, name_problem, parse_task, read_ids
+from returner.task import Entry, Kind, Outcome, Rules, brief, name_problem, parse_task, read_ids
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,9 @@ class Pipeline:
 
     def process(self, entry: Entry) -> Outcome:
         """Decide one delivery's outcome; a frame to save comes back encoded in `data`."""
+        if len(entry.task) > self.rules.max_task_bytes:  # not even parsed for its ids
+            error = f"message is {len(entry.task)} bytes, over MAX_TASK_BYTES"
+            return Outcome(entry, Kind.FAILED, error=error)
         rid, iid, shm_name = read_ids(entry.task)
         outcome = Outcome(entry, Kind.RETRY, rid, iid)
         try:
@@ -122,7 +125,13 @@ class Pipeline:
             outcome.kind = Kind.DEAD_LETTERED
             outcome.error = f"gave up after {entry.deliveries} deliveries"
             return outcome
-        log.info("task %s/%s started (entry %s, delivery %d)", rid, iid, entry.id, entry.deliveries)
+        log.info(
+            "task %s/%s started (entry %s, delivery %d)",
+            brief(rid),
+            brief(iid),
+            entry.id,
+            entry.deliveries,
+        )
         try:
             self._load_and_encode(outcome)
         except PermanentError as exc:
@@ -132,7 +141,9 @@ class Pipeline:
         except TransientError as exc:
             outcome.error = str(exc)
         except Exception as exc:  # a bug or an unforeseen fault: leave it pending
-            log.exception("task %s/%s: unexpected error; left pending for a retry", rid, iid)
+            log.exception(
+                "task %s/%s: unexpected error; left pending for a retry", brief(rid), brief(iid)
+            )
             outcome.error = f"{type(exc).__name__}: {exc}"
         return outcome
 

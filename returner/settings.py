@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     stuck_after_ms: int = Field(default=120_000, ge=1_000, alias="STUCK_AFTER_MS")
     max_deliveries: int = Field(default=5, ge=1, alias="MAX_DELIVERIES")
     max_pixels: int = Field(default=100_000_000, ge=1, alias="MAX_PIXELS")
+    max_task_bytes: int = Field(default=65_536, ge=256, le=64 * 1024 * 1024, alias="MAX_TASK_BYTES")
+    dead_letters_maxlen: int = Field(default=100_000, ge=1, alias="DEAD_LETTERS_MAXLEN")
     output_layout: Literal["flat", "daily"] = Field(default="flat", alias="OUTPUT_LAYOUT")
     results_json_entries: int = Field(
         default=1000, ge=0, le=1_000_000, alias="RESULTS_JSON_ENTRIES"

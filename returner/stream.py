@@ -184,7 +184,7 @@ class Settlement:
     def dead(self) -> bool:
         return self.outcome in ("failed", "dead_lettered")
 
-    def args(self, timestamp: str) -> list[Any]:
+    def args(self, timestamp: str, settling: Settling) -> list[Any]:
         """The 11 values settle.lua takes for this entry."""
         entry = self.entry
         return [
@@ -198,7 +198,7 @@ class Settlement:
             self.error or "",
             timestamp,
             entry.deliveries,
-            entry.task if self.dead else b"",
+            settling.dead_task(entry.task) if self.dead else b"",
         ]
 
 
@@ -217,13 +217,23 @@ class Event:
         return self.fields.get(name, "")
 
 
-@dataclass(frozen=True)
-class Events:
-    """Where settling emits events: `{L}:events` capped at about `maxlen` entries, and
-    with `publish` also the channel `events:{request_id}`."""
+DEAD_TASK_BYTES = 1024  # what a dead letter keeps of a message over max_task_bytes
 
-    maxlen: int = 100_000
-    publish: bool = False
+
+@dataclass(frozen=True)
+class Settling:
+    """What settling writes besides the ack: events on `{L}:events`, capped at about
+    `events_maxlen` and with `publish_events` also published on `events:{request_id}`;
+    dead letters on `{L}:dead`, capped at about `dead_letters_maxlen`, each with the
+    original message, or its first DEAD_TASK_BYTES when it is over `max_task_bytes`."""
+
+    events_maxlen: int = 100_000
+    publish_events: bool = False
+    dead_letters_maxlen: int = 100_000
+    max_task_bytes: int = 65_536
+
+    def dead_task(self, task: bytes) -> bytes:
+        return task if len(task) <= self.max_task_bytes else task[:DEAD_TASK_BYTES]
 
 
 @dataclass(frozen=True)
@@ -254,14 +264,14 @@ class Stream:
         group: str,
         consumer: str,
         replication: Replication = Replication(),
-        events: Events = Events(),
+        settling: Settling = Settling(),
     ) -> None:
         self.server = server if isinstance(server, Server) else Server.of(server)
         self.keys = Keys.for_queue(queue)
         self.group = group
         self.consumer = consumer
         self.replication = replication
-        self.events = events
+        self.settling = settling
         # Called with (replicas asked for, replicas that confirmed) when a WAIT falls short.
         self.on_short_wait: Callable[[int, int], None] = lambda _want, _got: None
 
@@ -429,14 +439,16 @@ class Stream:
         if not settlements:
             return 0
         stamp = datetime.now(UTC).isoformat(timespec="microseconds")
+        limits = self.settling
         args: list[Any] = [
             self.group,
             self.consumer,
-            self.events.maxlen,
-            "1" if self.events.publish else "0",
+            limits.events_maxlen,
+            "1" if limits.publish_events else "0",
+            limits.dead_letters_maxlen,
         ]
         for settlement in settlements:
-            args += settlement.args(stamp)
+            args += settlement.args(stamp, limits)
         keys = [self.keys.stream, self.keys.dead, self.keys.events]
         return int(self._run("settling", _SETTLE, keys, args, wait=True) or 0)
 

@@ -15,6 +15,23 @@ from returner.errors import BadTask
 
 MAX_DIMENSION = 65500  # libjpeg's limit on either side
 NAME_MAX = 255
+ECHO_MAX = 80  # characters of a message's value repeated in an error, a record or a log
+
+
+def brief(value: str | None, limit: int = ECHO_MAX) -> str | None:
+    """An id as a log line shows it: cut to about `limit` characters."""
+    if value is None or len(value) <= limit:
+        return value
+    return f"{value[:limit]}...(+{len(value) - limit} chars)"
+
+
+def echo(value: object, limit: int = ECHO_MAX) -> str:
+    """A value from a message as it may be repeated: repr (so control characters and
+    lone surrogates are escaped), cut to about `limit` characters."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...(+{len(text) - limit} chars)"
 
 
 class _ShmInfo(BaseModel):
@@ -42,6 +59,7 @@ class Rules:
     shm_name_pattern: re.Pattern[str]
     max_pixels: int
     default_order: str
+    max_task_bytes: int = 65536
 
 
 @dataclass(frozen=True)
@@ -100,11 +118,11 @@ def parse_task(raw: bytes, rules: Rules) -> Task:
     info = msg.shm_info
     _check_name(info.shm_name, rules.shm_name_pattern)
     if info.dtype != "uint8":
-        raise BadTask(f"unsupported dtype {info.dtype!r} (only uint8)")
+        raise BadTask(f"unsupported dtype {echo(info.dtype)} (only uint8)")
     height, width, channels = _check_shape(info.shape, rules.max_pixels)
     if info.size != height * width * channels:
         raise BadTask(
-            f"size {info.size} does not fit shape {info.shape} (expected "
+            f"size {echo(info.size)} does not fit shape {echo(info.shape)} (expected "
             f"{height * width * channels} bytes)"
         )
     order = _resolve_order(msg.channel_order, rules.default_order, channels)
@@ -140,18 +158,18 @@ def name_problem(name: str, pattern: re.Pattern[str]) -> str | None:
 def _check_name(name: str, pattern: re.Pattern[str]) -> None:
     problem = name_problem(name, pattern)
     if problem:
-        raise BadTask(f"shm_name {name[:80]!r} {problem}")
+        raise BadTask(f"shm_name {echo(name)} {problem}")
 
 
 def _check_shape(shape: list[int], max_pixels: int) -> tuple[int, int, int]:
     if len(shape) not in (2, 3):
-        raise BadTask(f"shape {shape} must be [H, W] or [H, W, C]")
+        raise BadTask(f"shape {echo(shape)} must be [H, W] or [H, W, C]")
     height, width = shape[0], shape[1]
     channels = shape[2] if len(shape) == 3 else 1
     if channels not in (1, 3, 4):
-        raise BadTask(f"shape {shape}: {channels} channels (expected 1, 3 or 4)")
+        raise BadTask(f"shape {echo(shape)}: {echo(channels)} channels (expected 1, 3 or 4)")
     if not (1 <= height <= MAX_DIMENSION and 1 <= width <= MAX_DIMENSION):
-        raise BadTask(f"shape {shape}: each side must be between 1 and {MAX_DIMENSION}")
+        raise BadTask(f"shape {echo(shape)}: each side must be between 1 and {MAX_DIMENSION}")
     # Python ints do not overflow, and both sides are already bounded.
     if height * width > max_pixels:
         raise BadTask(f"shape {shape}: {height * width} pixels exceeds MAX_PIXELS={max_pixels}")

@@ -25,7 +25,7 @@ from returner.output import Results, discard
 from returner.pipeline import Flight, Pipeline
 from returner.settings import Settings
 from returner.stream import Settlement, Stream
-from returner.task import Decision, Entry, Kind, Outcome, Rules
+from returner.task import Decision, Entry, Kind, Outcome, Rules, brief
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,7 +116,10 @@ class Worker:
             settings.results_retention_days,
         )
         rules = Rules(
-            re.compile(settings.shm_name_pattern), settings.max_pixels, settings.channel_order
+            re.compile(settings.shm_name_pattern),
+            settings.max_pixels,
+            settings.channel_order,
+            settings.max_task_bytes,
         )
         jpeg = JpegOptions(settings.jpeg_quality, settings.jpeg_subsampling)
         crash_on = frozenset(filter(None, settings.crash_on_image_ids.split(",")))
@@ -395,8 +398,8 @@ class Worker:
                 self.metrics.errors.labels(kind="task").inc()
                 log.warning(
                     "task %s/%s left pending: %s",
-                    outcome.request_id,
-                    outcome.image_id,
+                    brief(outcome.request_id),
+                    brief(outcome.image_id),
                     outcome.error,
                 )
 
@@ -418,8 +421,8 @@ class Worker:
         why = f": {outcome.error}" if outcome.error else ""
         freed = ", segment released" if entry.id in released else ""
         fields = {
-            "request_id": outcome.request_id,
-            "image_id": outcome.image_id,
+            "request_id": brief(outcome.request_id),
+            "image_id": brief(outcome.image_id),
             "entry_id": entry.id,
             "outcome": kind.value,
             "deliveries": entry.deliveries,
@@ -430,8 +433,8 @@ class Worker:
         log.log(
             logging.INFO if ok else logging.WARNING,
             "task %s/%s %s%s%s%s (entry %s)",
-            outcome.request_id,
-            outcome.image_id,
+            brief(outcome.request_id),
+            brief(outcome.image_id),
             kind.value,
             where,
             why,

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from returner.stream import Events, Keys, Settlement, Stream
+from returner.stream import Keys, Settlement, Settling, Stream
 from returner.task import Entry
 from tests.conftest import acked, dead_lettered, wait_for
 
@@ -289,7 +289,7 @@ def test_an_unsettled_entry_has_no_event(r: redis.Redis, queue: str) -> None:
 
 
 def test_events_are_capped_at_about_events_maxlen(r: redis.Redis, queue: str) -> None:
-    stream = Stream(r, queue, GROUP, "c1", events=Events(maxlen=50))
+    stream = Stream(r, queue, GROUP, "c1", settling=Settling(events_maxlen=50))
     stream.ensure_group()
     r.rpush(queue, *[f"t{i}".encode() for i in range(1000)])
     while entries := stream.fetch(100):
@@ -299,7 +299,7 @@ def test_events_are_capped_at_about_events_maxlen(r: redis.Redis, queue: str) ->
 
 
 def test_events_are_published_upstream_style_when_asked(r: redis.Redis, queue: str) -> None:
-    stream = Stream(r, queue, GROUP, "c1", events=Events(publish=True))
+    stream = Stream(r, queue, GROUP, "c1", settling=Settling(publish_events=True))
     stream.ensure_group()
     listener = r.pubsub()
     listener.subscribe("events:req-7")
