@@ -5,8 +5,6 @@ Nothing here touches Redis."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -44,11 +42,9 @@ class Pipeline:
         jpeg: JpegOptions,
         max_deliveries: int,
         encoder_threads: int,
-        crash_on: frozenset[str] = frozenset(),
     ) -> None:
         self.results, self.rules, self.jpeg = results, rules, jpeg
         self.max_deliveries = max_deliveries
-        self.crash_on = crash_on
         self.encoders = ThreadPoolExecutor(encoder_threads, thread_name_prefix="encode")
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
 
@@ -151,9 +147,6 @@ class Pipeline:
         started = time.perf_counter()
         task = parse_task(outcome.entry.task, self.rules)
         outcome.shm_name = task.shm_name
-        if task.image_id in self.crash_on:  # the testing seam: a poison frame
-            log.critical("crashing on %s as RETURNER_CRASH_ON_IMAGE_IDS asks", task.image_id)
-            os.kill(os.getpid(), signal.SIGKILL)
 
         def encode_frame(frame: frames.Frame) -> tuple[float, bytes]:
             return time.perf_counter(), encode(frame, task.channel_order, self.jpeg)

@@ -71,9 +71,6 @@ class Settings(BaseSettings):
     encoder_threads: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1, le=256, alias="ENCODER_THREADS"
     )
-    # Testing seam: frames whose image_id is listed kill the process (SIGKILL) when
-    # their encoding starts, the way a poison frame that crashes libjpeg would.
-    crash_on_image_ids: str = Field(default="", alias="RETURNER_CRASH_ON_IMAGE_IDS")
     batch_size: int = Field(default=32, ge=1, le=1000, alias="BATCH_SIZE")
     workers: int = Field(default=1, ge=1, le=256, alias="WORKERS")
     # None: ask the server (`INFO cluster`) at start.

@@ -122,14 +122,12 @@ class Worker:
             settings.max_task_bytes,
         )
         jpeg = JpegOptions(settings.jpeg_quality, settings.jpeg_subsampling)
-        crash_on = frozenset(filter(None, settings.crash_on_image_ids.split(",")))
         self.pipeline = Pipeline(
             self.results,
             rules,
             jpeg,
             settings.max_deliveries,
             settings.encoder_threads,
-            crash_on,
         )
         self.tally = Tally()
         stream.on_short_wait = self._short_wait

@@ -62,6 +62,11 @@ class Service:
         return text[-tail:] if tail else text
 
 
+# Put on PYTHONPATH (with RETURNER_TEST_CRASH_ON=<image ids>), the poison-frame seam of
+# tests/seams/sitecustomize.py is loaded by the service and its worker processes.
+POISON_SEAM = {"PYTHONPATH": str(Path(__file__).parents[1] / "seams")}
+
+
 def base_env(**settings: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "PYTHONPATH")}

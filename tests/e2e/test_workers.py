@@ -31,7 +31,7 @@ from returner import supervisor as sup
 from returner.settings import Settings
 from returner.stream import Keys, Stream
 from tests.conftest import Frames, random_frame, read_results, wait_for
-from tests.e2e.conftest import Service, run_cli
+from tests.e2e.conftest import POISON_SEAM, Service, run_cli
 from tests.e2e.test_run import free_port, results_count
 
 GROUP = "returner"
@@ -425,7 +425,8 @@ def test_a_poison_frame_is_dead_lettered_while_the_supervisor_keeps_restarting(
     messages = {i: frames.task(random_frame((48, 64, 3), n), "req", i) for n, i in enumerate(ids)}
     r.rpush(queue, *[messages[i] for i in ids])  # one push: one batch
     svc = supervised(
-        METRICS_PORT=port, MAX_DELIVERIES=max_deliveries, RETURNER_CRASH_ON_IMAGE_IDS="poison"
+        METRICS_PORT=port, MAX_DELIVERIES=max_deliveries, RETURNER_TEST_CRASH_ON="poison",
+        **POISON_SEAM,
     ).start()
 
     wait_for(lambda: results_count(output_dir) == len(ids), timeout=30, what="every result")
@@ -683,7 +684,6 @@ def test_child_environment_carries_every_setting(
         WORKERS=3,
         METRICS_PORT=9999,
         REDIS_WAIT_REPLICAS=1,
-        RETURNER_CRASH_ON_IMAGE_IDS="x,y",
     )
     env = sup.child_environment(parent, "redis://elsewhere:6379/0", tmp_path / "m")
     assert env["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "m")

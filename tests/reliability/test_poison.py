@@ -9,6 +9,7 @@ from pathlib import Path
 import redis
 
 from tests.conftest import Frames, random_frame, read_results, wait_for
+from tests.e2e.conftest import POISON_SEAM
 from tests.e2e.test_run import results_count
 
 
@@ -22,7 +23,7 @@ def test_poison_frame_is_dead_lettered(service, service_env: dict[str, str], r: 
     for image_id in ids:  # all in one batch
         r.rpush(queue, messages[image_id])
     env = {**service_env, "MAX_DELIVERIES": str(max_deliveries),
-           "RETURNER_CRASH_ON_IMAGE_IDS": "poison"}
+           **POISON_SEAM, "RETURNER_TEST_CRASH_ON": "poison"}
 
     crashes = 0
     while results_count(output_dir) < len(ids):
