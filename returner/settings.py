@@ -7,6 +7,7 @@ import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -126,9 +127,28 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _known_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+        if value is None:
+            return value
+        if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            urlsplit(value).port  # noqa: B018 (parsing is the check)
+        except ValueError:
+            raise ValueError("has a port that is not a number from 0 to 65535") from None
         return value
+
+
+def mask_url(url: str) -> str:
+    """`url` with its password, if any, replaced by `***`, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparsable URL)"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -145,5 +165,7 @@ def load_settings(**overrides: Any) -> Settings:
         err = exc.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else "settings"
         value = err.get("input")
+        if name == "REDIS_URL" and isinstance(value, str):
+            value = mask_url(value)
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         raise SettingsError(f"{name}: {err['msg']}{shown}") from None

@@ -39,7 +39,8 @@ def test_aliases_cover_the_spec() -> None:
         "JPEG_SUBSAMPLING", "CHANNEL_ORDER", "CONSUMER_GROUP", "CONSUMER_NAME",
         "CLAIM_MIN_IDLE_MS", "MAX_DELIVERIES", "MAX_PIXELS", "OUTPUT_LAYOUT",
         "RESULTS_JSON_ENTRIES", "RESULTS_RETENTION_DAYS", "METRICS_HOST", "METRICS_PORT",
-        "LOG_LEVEL", "LOG_FORMAT",
+        "LOG_LEVEL", "LOG_FORMAT", "EVENTS_MAXLEN", "PUBLISH_EVENTS", "MAX_TASK_BYTES",
+        "DEAD_LETTERS_MAXLEN",
     }
     assert spec <= set(SETTINGS)
 
@@ -159,6 +160,12 @@ def test_unset_cli_options_do_not_override(monkeypatch: pytest.MonkeyPatch) -> N
         ("HOSTING_TASKS_QUEUE", "q:{HOSTNAME}"),
         ("HOSTING_TASKS_QUEUE", "q:{{hostname}}"),
         ("HOSTING_TASKS_QUEUE", "q:{hostname"),
+        ("REDIS_URL", "redis://h:notaport/0"),
+        ("REDIS_URL", "redis://h:99999/0"),
+        ("MAX_TASK_BYTES", "10"),
+        ("DEAD_LETTERS_MAXLEN", "0"),
+        ("EVENTS_MAXLEN", "0"),
+        ("PUBLISH_EVENTS", "sometimes"),
     ],
 )
 def test_bad_environment_value_names_the_setting(
@@ -170,6 +177,17 @@ def test_bad_environment_value_names_the_setting(
     message = str(info.value)
     assert message.startswith(f"{name}:"), message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("url", ["http://user:hunter2@redis:6379/0",
+                                 "redis://user:hunter2@redis:port/0", "redis://:hunter2@r:1x/0"])
+def test_a_bad_redis_url_never_shows_its_password(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("REDIS_URL", url)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "hunter2" not in str(info.value) and ":***@" in str(info.value)
 
 
 def test_bad_dotenv_value_names_the_setting(clean_env: Path) -> None:
