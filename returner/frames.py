@@ -1,20 +1,21 @@
-"""Read-only access to the renderer's POSIX shared-memory segments.
+"""Reading the renderer's POSIX shared-memory segments.
 
-Segments are opened with `shm_open` and mapped read-only here rather than through
-`multiprocessing.shared_memory.SharedMemory`: before Python 3.13 that class registers
-every attached segment with the resource_tracker, which unlinks it when this process
-exits, and a `kill -9` between register and unregister would delete a frame that is
-still pending. Mapping the descriptor directly never involves the tracker.
+A segment is read with `pread` into a buffer this thread keeps, not mapped: a mapping
+of a file that its owner truncates meanwhile raises SIGBUS on the next access and kills
+the process, while a read just comes back short. Copying costs what mapping does (the
+kernel touches every page either way, and a reused buffer takes no page faults). The
+segment is opened with `shm_open` directly rather than through
+`multiprocessing.shared_memory.SharedMemory`, which before Python 3.13 registers it with
+the resource_tracker, which would unlink a pending frame when this process exits.
 """
 
 from __future__ import annotations
 
 import _posixshmem
-import contextlib
 import errno
-import mmap
 import os
 import stat
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -26,26 +27,45 @@ from returner.task import Task
 
 T = TypeVar("T")
 Frame = npt.NDArray[np.uint8]
+# A thread keeps its buffer for frames up to this size (a 1448 x 1024 RGB page is 4.4 MB);
+# a larger frame gets a buffer of its own that goes with it.
+KEEP_BUFFER_BYTES = 64 * 1024 * 1024
+_local = threading.local()
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory
 
 
 def with_frame(task: Task, use: Callable[[Frame], T]) -> T:
-    """Call `use` with a zero-copy read-only view of the task's frame, then unmap it.
+    """Call `use` with the task's frame, read from its segment into this thread's buffer.
 
-    Raises BadFrame when the segment is missing or smaller than the message claims,
-    TransientError on other OS errors. The view must not outlive `use`.
+    Raises BadFrame when the segment is missing, not ours, or smaller than the message
+    claims (also when it shrinks while being read), TransientError on other OS errors.
+    The array must not outlive `use`: the thread's next frame overwrites it.
     """
-    mapping = _map(task)
+    fd = _open(task)
     try:
-        view = np.frombuffer(mapping, dtype=np.uint8, count=task.size)
-        try:
-            return use(view.reshape(task.height, task.width, task.channels))
-        finally:
-            del view  # every exported buffer must be gone before close()
+        data = _buffer(task.size)
+        done = 0
+        while done < task.size:
+            got = os.preadv(fd, [memoryview(data[done:].data)], done)
+            if got == 0:
+                raise BadFrame(f"segment {task.shm_name!r} shrank while being read")
+            done += got
+    except OSError as exc:
+        raise _translate(task.shm_name, exc) from None
     finally:
-        # An exception from `use` still holds the view in its traceback; the mapping
-        # is unmapped when that is dropped, and the exception goes on unchanged.
-        with contextlib.suppress(BufferError):
-            mapping.close()
+        os.close(fd)
+    frame = data.reshape(task.height, task.width, task.channels)
+    frame.flags.writeable = False
+    return use(frame)
+
+
+def _buffer(size: int) -> Frame:
+    if size > KEEP_BUFFER_BYTES:
+        return np.empty(size, np.uint8)
+    kept: Frame | None = getattr(_local, "buffer", None)
+    if kept is None or kept.size < size:
+        kept = _local.buffer = np.empty(size, np.uint8)
+    return kept[:size]
 
 
 # Errors that mean the name is not a usable segment (a directory, a symbolic link,
@@ -61,11 +81,13 @@ _NOT_A_SEGMENT = {
 }
 
 
-def _map(task: Task) -> mmap.mmap:
+def _open(task: Task) -> int:
+    """A descriptor of the task's segment, checked: a regular file of our own user that
+    holds the frame."""
     name = task.shm_name
     try:
         # O_NONBLOCK: a FIFO planted under a segment's name must not block the thread.
-        fd = _posixshmem.shm_open("/" + name, os.O_RDONLY | os.O_NONBLOCK, 0)
+        fd: int = _posixshmem.shm_open("/" + name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW, 0)
     except FileNotFoundError:
         raise MissingSegment(f"shared memory segment {name!r} does not exist") from None
     except PermissionError:
@@ -78,15 +100,19 @@ def _map(task: Task) -> mmap.mmap:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise BadFrame(f"{name!r} is not a shared memory segment")
+        if st.st_uid != os.geteuid():
+            raise BadFrame(
+                f"segment {name!r} belongs to uid {st.st_uid}, not to the returner's user "
+                f"(uid {os.geteuid()}): run as the renderer's user"
+            )
         if st.st_size < task.size:
             raise BadFrame(
                 f"segment {name!r} holds {st.st_size} bytes, the message claims {task.size}"
             )
-        return mmap.mmap(fd, task.size, prot=mmap.PROT_READ)
-    except OSError as exc:
-        raise _translate(name, exc) from None
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 def _translate(name: str, exc: OSError) -> BadFrame | TransientError:
@@ -96,11 +122,15 @@ def _translate(name: str, exc: OSError) -> BadFrame | TransientError:
 
 
 def unlink(shm_name: str) -> bool:
-    """Remove a segment by name; False if it was gone or could not be removed.
+    """Remove a segment of our own user by name; False if it was gone, is not ours, or
+    could not be removed.
 
     Never raises: releasing memory must not stop an outcome from being settled.
     """
     try:
+        st = os.lstat(os.path.join(SHM_DIR, shm_name))
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return False
         _posixshmem.shm_unlink("/" + shm_name)
     except OSError:
         return False

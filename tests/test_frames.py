@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +67,34 @@ def test_exception_from_use_propagates_unchanged(frames: Frames) -> None:
     with pytest.raises(BadFrame, match="from use"):
         shm.with_frame(task_for(name, (4, 4, 3)), boom)
     assert frames.exists(name)
+
+
+def test_a_segment_of_another_user_is_bad_frame(frames: Frames) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a segment away needs root")
+    name = frames.put(random_frame((4, 4, 3)))
+    os.chown(Path("/dev/shm", name), 65534, 65534)
+    with pytest.raises(BadFrame, match="belongs to uid 65534"):
+        shm.with_frame(task_for(name, (4, 4, 3)), lambda v: v.copy())
+    assert shm.unlink(name) is False  # not ours to remove either
+    os.chown(Path("/dev/shm", name), os.geteuid(), os.getegid())
+
+
+def test_a_segment_truncated_while_it_is_read_is_bad_frame(
+    frames: Frames, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its owner truncates it after the size check: a mapping would raise SIGBUS on the
+    next access and kill the process; a read comes back short."""
+    name = frames.put(random_frame((64, 64, 3)))
+    buffer = shm._buffer
+
+    def truncated_meanwhile(size: int) -> shm.Frame:
+        os.truncate(Path("/dev/shm", name), 100)
+        return buffer(size)
+
+    monkeypatch.setattr(shm, "_buffer", truncated_meanwhile)
+    with pytest.raises(BadFrame, match="shrank while being read"):
+        shm.with_frame(task_for(name, (64, 64, 3)), lambda v: v.copy())
 
 
 def test_missing_segment_is_bad_frame() -> None:
