@@ -22,7 +22,7 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from returner.errors import BadFrame, MissingSegment, TransientError
+from returner.errors import BadFrame, DiskError, MissingSegment, TransientError
 from returner.task import Task
 
 T = TypeVar("T")
@@ -116,6 +116,8 @@ def _open(task: Task) -> int:
 
 
 def _translate(name: str, exc: OSError) -> BadFrame | TransientError:
+    if exc.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors: pause, as for a disk
+        return DiskError(f"opening segment {name!r}: {exc.strerror}")
     if exc.errno in _NOT_A_SEGMENT:
         return BadFrame(f"{name!r} is not a usable shared memory segment ({exc.strerror})")
     return TransientError(f"opening segment {name!r}: {exc}")

@@ -7,7 +7,7 @@ import platform
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -25,6 +25,12 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _STAGE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 _DELIVERY_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 20)
 LIVE_WITHIN_S = 30.0  # /healthz fails when the loop has not ticked for this long
+# A client may hold the metrics server this long without sending its request, and this
+# many connections at once; more are closed at once. Scrapes and probes take
+# milliseconds: a flood of idle connections can neither pin threads nor use up the
+# worker's descriptors.
+CONNECTION_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 32
 
 
 # Queue-wide gauges: every worker observes the same queue, so with several worker
@@ -187,8 +193,7 @@ class MetricsServer:
         Info("returner_build", "Version information.", registry=registry).info(
             {"version": __version__, "python": platform.python_version()}
         )
-        self.httpd = ThreadingHTTPServer((host, port), _handler(registry, ready, health))
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedServer((host, port), _handler(registry, ready, health))
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, name="metrics", daemon=True
         )
@@ -206,10 +211,35 @@ class MetricsServer:
         self.httpd.server_close()
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS at once."""
+
+    daemon_threads = True
+    request_queue_size = 64  # connections waiting to be accepted (or refused)
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def _handler(
     registry: CollectorRegistry, ready: Gauge, health: Checks
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = CONNECTION_TIMEOUT_S
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":

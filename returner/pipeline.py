@@ -135,7 +135,7 @@ class Pipeline:
             outcome.segment_missing = isinstance(exc, MissingSegment)
             outcome.shm_name = outcome.shm_name or self._safe(shm_name)
         except TransientError as exc:
-            outcome.error = str(exc)
+            outcome.error, outcome.disk_error = str(exc), isinstance(exc, DiskError)
         except Exception as exc:  # a bug or an unforeseen fault: leave it pending
             log.exception(
                 "task %s/%s: unexpected error; left pending for a retry", brief(rid), brief(iid)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import urllib.error
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from returner import metrics as metrics_module
 from returner import pipeline as pipeline_module
 from returner.logs import JsonFormatter
 from returner.metrics import Health, Metrics, MetricsServer
@@ -182,3 +185,36 @@ def test_json_log_lines_carry_task_fields() -> None:
     assert doc["msg"] == "task x done" and doc["level"] == "info"
     assert doc["request_id"] == "r1" and doc["outcome"] == "completed"
     assert doc["duration_s"] == 0.01 and doc["ts"].endswith("+00:00")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_flood_of_idle_connections_is_bounded_and_timed_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Finding 4: idle connections starved /healthz and used up the worker's descriptors."""
+    monkeypatch.setattr(metrics_module, "CONNECTION_TIMEOUT_S", 0.5)
+    health = Health()
+    health.tick(redis_ok=True)
+    server = MetricsServer(Metrics().registry, health, "127.0.0.1", 0)
+    server.start()
+    port, before = server.address[1], open_fds()
+    flood = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(200)]
+    try:
+        # accepted ones hold a thread and a descriptor each, at most MAX_CONNECTIONS
+        wait_for(lambda: open_fds() - before - len(flood) <= metrics_module.MAX_CONNECTIONS,
+                 what="the server to refuse the surplus")
+        # and idle ones are dropped after the timeout: the server answers again
+        def healthy() -> bool:
+            health.tick(redis_ok=True)  # the worker loop would, meanwhile
+            return get(port, "/healthz") == (200, "ok\n")
+
+        wait_for(healthy, timeout=10, what="/healthz while the flood idles")
+        closed = sum(1 for s in flood if s.recv(1) == b"")  # EOF: the server hung up
+        assert closed == len(flood)
+    finally:
+        for s in flood:
+            s.close()
+        server.stop()
