@@ -477,6 +477,8 @@ def count_results(output_dir: Path) -> dict[str, int | None]:
         return {"records": None}
     try:
         return {"records": store.counts()["total"]}
+    except ReturnerError:
+        return {"records": None}
     finally:
         store.close()
 

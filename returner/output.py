@@ -292,15 +292,18 @@ class Results:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop the thread, forget our finished moves, write the view a last time."""
+        """Stop the thread, forget our finished moves, write the view a last time (if
+        `open` got as far as writing it a first time)."""
         self._stop.set()
+        opened = self._thread is not None
         if self._thread is not None:
             self._thread.join()
         with contextlib.suppress(DiskError):
             if self._placed:
                 with self.store.transaction("closing the results store") as tx:
                     tx.forget_moves(self.out.writer)
-            self.view.write(self.store, None, LOCK_WAIT_S)
+            if opened:
+                self.view.write(self.store, None, LOCK_WAIT_S)
         self.store.close()
         self.view.close()
         if self._placed:
@@ -343,8 +346,12 @@ class Results:
         recorded = tx.completed_path(*key) if key else None
         if recorded is not None or outcome.kind is Kind.DUPLICATE:
             discard(outcome.temp_path)
-            for temp, target in tx.moves(final=recorded) if recorded else []:
-                finish_move(temp, target)  # its writer may be gone: the file must be there
+            # Another writer's move to it may be unfinished (and that writer gone): the
+            # file must be there before this is acked. Ours are all of this transaction,
+            # which renames them itself once committed.
+            for writer, temp, target in tx.moves(final=recorded) if recorded else []:
+                if writer != self.out.writer:
+                    finish_move(temp, target)
             return Decision(outcome, Kind.DUPLICATE, Path(recorded) if recorded else None)
         entry = outcome.entry
         if outcome.kind is Kind.COMPLETED:
@@ -382,9 +389,9 @@ class Results:
     def _finish(self, tx: Tx, writer: str) -> None:
         """Finish a writer's recorded moves and forget them."""
         moves = tx.moves(writer=writer)
-        for temp, final in moves:
+        for _, temp, final in moves:
             finish_move(temp, final)
-        for directory in {Path(final).parent for _, final in moves}:
+        for directory in {Path(final).parent for _, _, final in moves}:
             fsync_dir(directory)
         tx.forget_moves(writer)
 

@@ -26,8 +26,10 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from returner.errors import DiskError
 
@@ -140,7 +142,7 @@ class Store:
             if not create:
                 # mode=rw: an existing store only; a reader never creates or changes one.
                 self.db = sqlite3.connect(
-                    f"file:{self.path}?mode=rw",
+                    f"file:{quote(str(self.path))}?mode=rw",
                     uri=True,
                     timeout=BUSY_TIMEOUT_S,
                     isolation_level=None,
@@ -206,14 +208,14 @@ class Store:
         return [as_dict(row[1:]) for row in rows]
 
     def get(self, request_id: str, image_id: str | None = None) -> list[dict[str, Any]]:
-        """Every record of a request, or of one image of it, oldest first."""
-        if image_id is None:
-            rows = self.db.execute(_select("WHERE request_id = ? ORDER BY id"), (request_id,))
-        else:
-            rows = self.db.execute(
-                _select("WHERE request_id = ? AND image_id = ? ORDER BY id"), (request_id, image_id)
-            )
-        return [as_dict(row[1:]) for row in rows]
+        """Every record of a request, or of one image of it, oldest first. Raises DiskError."""
+        with translated("reading the results store"):
+            if image_id is None:
+                rows = self.db.execute(_select("WHERE request_id = ? ORDER BY id"), (request_id,))
+            else:
+                where = "WHERE request_id = ? AND image_id = ? ORDER BY id"
+                rows = self.db.execute(_select(where), (request_id, image_id))
+            return [as_dict(row[1:]) for row in rows]
 
     def export(
         self,
@@ -239,9 +241,11 @@ class Store:
             conditions.append("status = ?")
             params.append(status)
         query = _select(f"WHERE {' AND '.join(conditions)} ORDER BY id LIMIT {EXPORT_STEP}")
-        after = self._first_at(since) - 1 if since is not None else 0
+        with translated("reading the results store"):
+            after = self._first_at(since) - 1 if since is not None else 0
         while True:
-            rows = self.db.execute(query, (after, *params)).fetchall()
+            with translated("reading the results store"):
+                rows = self.db.execute(query, (after, *params)).fetchall()
             for row in rows:
                 if since is None or row[1] >= since:
                     yield as_dict(row[1:])
@@ -267,12 +271,14 @@ class Store:
         return int(low)
 
     def prune(self, before: str, conn: sqlite3.Connection | None = None) -> int:
-        """Delete up to PRUNE_STEP of the oldest records older than `before`; how many."""
+        """Delete those of the PRUNE_STEP oldest records that are older than `before`; how
+        many. Only the oldest are looked at (commit order is time order), so a step costs
+        the same however long the history."""
         with self.transaction("pruning old records", conn) as tx:
             return tx.db.execute(
-                "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE timestamp < ?"
-                " ORDER BY id LIMIT ?)",
-                (before, PRUNE_STEP),
+                "DELETE FROM records WHERE id IN (SELECT id FROM"
+                " (SELECT id, timestamp FROM records ORDER BY id LIMIT ?) WHERE timestamp < ?)",
+                (PRUNE_STEP, before),
             ).rowcount
 
     def references(self, file_path: str) -> bool:
@@ -281,8 +287,9 @@ class Store:
         return row.fetchone() is not None
 
     def counts(self) -> dict[str, int]:
-        """Records in the store."""
-        (total,) = self.db.execute("SELECT count(*) FROM records").fetchone()
+        """Records in the store. Raises DiskError."""
+        with translated("counting records"):
+            (total,) = self.db.execute("SELECT count(*) FROM records").fetchone()
         return {"total": int(total)}
 
     def import_records(self, sources: Callable[[], Iterable[tuple[str, list[Any]]]]) -> int:
@@ -314,7 +321,7 @@ def legacy_row(record: dict[str, Any]) -> tuple[str | None, ...]:
     """An entry of an earlier results.json as a row (entry_id unknown)."""
     status = "completed" if record.get("status") == "completed" else "failed"
     return (
-        _text(record.get("timestamp")) or "",
+        utc_timestamp(_text(record.get("timestamp")) or ""),
         _text(record.get("request_id")),
         _text(record.get("image_id")),
         _text(record.get("file_path")),
@@ -322,6 +329,21 @@ def legacy_row(record: dict[str, Any]) -> tuple[str | None, ...]:
         None if status == "completed" else _text(record.get("error")) or "failed",
         None,
     )
+
+
+def utc_timestamp(value: str) -> str:
+    """An earlier version's timestamp as the store writes them: UTC, with microseconds.
+
+    The seed wrote local time without an offset: taken as this host's local time. A
+    value that is not ISO-8601 is kept as it is.
+    """
+    if len(value) == 32 and value.endswith("+00:00"):
+        return value  # already so
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _text(value: Any) -> str | None:
@@ -351,13 +373,15 @@ class Tx:
     def add_move(self, writer: str, temp: str, final: str) -> None:
         self.db.execute("INSERT INTO moves VALUES (?, ?, ?)", (writer, temp, final))
 
-    def moves(self, writer: str | None = None, final: str | None = None) -> list[tuple[str, str]]:
-        """(temp, final) of the moves of a writer, or of the move to a path."""
+    def moves(
+        self, writer: str | None = None, final: str | None = None
+    ) -> list[tuple[str, str, str]]:
+        """(writer, temp, final) of the moves of a writer, or of the move to a path."""
         if writer is not None:
-            rows = self.db.execute("SELECT temp, final FROM moves WHERE writer = ?", (writer,))
+            rows = self.db.execute("SELECT * FROM moves WHERE writer = ?", (writer,))
         else:
-            rows = self.db.execute("SELECT temp, final FROM moves WHERE final = ?", (final,))
-        return [(str(t), str(f)) for t, f in rows]
+            rows = self.db.execute("SELECT * FROM moves WHERE final = ?", (final,))
+        return [(str(w), str(t), str(f)) for w, t, f in rows]
 
     def forget_moves(self, writer: str) -> None:
         self.db.execute("DELETE FROM moves WHERE writer = ?", (writer,))

@@ -350,10 +350,6 @@ def block_day(directory: Path, day: str) -> None:
     (directory / day).write_bytes(b"in the way")
 
 
-@pytest.mark.xfail(strict=True, reason="a duplicate within a batch renames the first "
-                   "delivery's JPEG into place inside the transaction, before COMMIT: a "
-                   "batch that then fails leaves that JPEG with no record (an orphan), and "
-                   "the retry writes its frame under a _1 suffix")
 def test_a_batch_that_fails_to_commit_leaves_no_jpeg_behind(outdir: Path) -> None:
     with opened(outdir, layout="daily") as results:
         block_day(results.out.path, "2024-11-20")
@@ -514,10 +510,6 @@ def prune_cost(directory: Path, total: int, old: int) -> int:
     return steps
 
 
-@pytest.mark.xfail(strict=True, reason="prune's `WHERE timestamp < ? ORDER BY id LIMIT 500` "
-                   "reads the whole table whenever fewer than PRUNE_STEP records are old (the "
-                   "steady state once retention has caught up), inside BEGIN IMMEDIATE: every "
-                   "step stalls commits for a time that grows with the history")
 def test_a_retention_step_reads_the_head_of_the_history_not_all_of_it(tmp_path: Path) -> None:
     small = prune_cost(tmp_path / "small", 10_000, old=100)
     large = prune_cost(tmp_path / "large", 100_000, old=100)

@@ -112,10 +112,6 @@ def test_results_commands_without_a_store_say_so(service_env: dict[str, str],
     assert not output_dir.exists(), "a reader created the directory or a store"
 
 
-@pytest.mark.xfail(strict=True, reason="Store(create=False) builds the URI f'file:{path}"
-                   "?mode=rw' without quoting: a '#' or '?' in OUTPUT_DIR cuts the path, so "
-                   "the readers create a stray empty database beside OUTPUT_DIR and then fail "
-                   "with an untranslated sqlite3.OperationalError (a traceback)")
 @pytest.mark.parametrize("name", ["frames #1", "frames?v2"])
 def test_results_commands_read_a_directory_whose_name_holds_uri_characters(
     service_env: dict[str, str], tmp_path: Path, name: str
