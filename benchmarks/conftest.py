@@ -42,8 +42,8 @@ import pytest
 import redis
 
 from returner import frames
-from returner.demo import push_frame, put_frame
 from returner.embedded import EmbeddedRedis
+from returner.producer import put_segment, task_message
 from tests.conftest import wait_for
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -310,15 +310,15 @@ class Segments:
         self.names: list[str] = []
 
     def put(self, frame: Frame) -> str:
-        name = put_frame(frame)
+        name = put_segment(np.ascontiguousarray(frame))
         self.names.append(name)
         return name
 
     def push(self, client: redis.Redis, queue: str, frame: Frame, request_id: str,
              image_id: str, channel_order: str | None = None) -> str:
-        """Segment + RPUSH of its task (returner.demo.push_frame)."""
-        name = push_frame(client, queue, frame, request_id, image_id, channel_order)
-        self.names.append(name)
+        """Segment (returner.producer.put_segment) + RPUSH of its task."""
+        name = self.put(frame)
+        client.rpush(queue, task_message(name, frame.shape, request_id, image_id, channel_order))
         return name
 
     def left(self) -> int:

@@ -1,228 +1,159 @@
-"""Per-task cost of committing results against the history OUTPUT_DIR already holds.
+"""Per-task cost of committing results against the history the store already holds.
 
-The history is laid out as the service leaves it with RESULTS_MAX_ENTRIES=100000 (the
-default): N earlier entries are N // 100000 rotated files `results.<YYYYMMDDTHHMMSS>.json`
-of 100,000 entries each plus a results.json holding the remainder (so 100k and 1M
-earlier entries mean a fresh results.json, as right after a rotation), in the service's
-format: a JSON array, one entry per line, with SPEC's fields (1% of them failed).
-The worst case is a results.json holding 99,936 entries: the next batch of 32 brings it
-to 99,968, about the largest file a commit rewrites (at 100,000 it rotates at once).
+OUTPUT_DIR's store is laid out with 0, 10k, 1M and 10M earlier records, as an upgrade
+leaves it (`harness.history`: one generated row per record with SPEC's fields, 1% of
+them failed, then the index and the `imported` mark made by `Store.import_records`; the
+1M and 10M stores are built once into `.returner/bench-cache/` and copied).
 
-Each round starts from the same state: results.json is put back, a fresh
-`ResultsLog(OutputDir(dir), 100000).open()` loads everything (and sweeps the previous
-round's JPEGs, now orphans), and 32 outcomes are prepared, each a completed task with
-a ~1 MB JPEG in a fsynced temp file written by `OutputDir.write_jpeg`. None of that is
-timed; only `ResultsLog.commit(batch)` is: rename 32 JPEGs, rewrite results.json,
-fsync it and the directory. The per-task figure is the batch median / 32; the ratio is
-against the 0 case of the same run. The open() of the 1M history is reported too.
+Each store is opened as `returner run` opens it: `Results(dir, ...)` with the service's
+default settings (layout, RESULTS_JSON_ENTRIES, RESULTS_RETENTION_DAYS), so its thread
+keeps results.json and retention up meanwhile, as in the service; `open()` is timed.
+Then the rounds run, the four stores taking turns within each round (in an order that
+rotates from round to round), so that the machine's drift (another test suite may be
+writing to the same disk) falls on every case alike. A round's setup, untimed, writes
+the batch's JPEGs (a real page, about 160 kB) to fsynced temp files with
+`OutputDir.write_jpeg`; only `Results.commit(batch)` is timed: one transaction that
+looks each task up in the once-only index, picks its file name, inserts its record and
+its move, and commits (fsync of the WAL, synchronous=FULL); then the renames and the
+directory's fsync. Every task has a random request id, as upstream's are, so each
+lookup and insert lands on another page of the index.
 
-Such a first commit after open() writes results.json whole. A running service writes
-the next version ahead after every commit (from 256 KiB of entries), so the worst case
-is also measured that way: each round's setup commits one task first and waits until
-the next version is written ahead; the timed commit then appends its 32 entries to it.
+Two batch sizes: 32, what a saturated worker commits at once, and 1, each commit
+holding one frame, as at low load. The per-task figure is the median batch / size; the
+ratio is against the empty store's in the same rounds. The slowest batch is reported
+too: a stall (another transaction holding the store's write lock) shows there and not
+in the median.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import simplejpeg
 
-from benchmarks.conftest import median_s, report
-from returner.output import OutputDir, ResultsLog, file_name
+from benchmarks import harness
+from benchmarks.conftest import Frame, report
+from returner.output import Results
+from returner.settings import Settings
 from returner.task import Entry, Kind, Outcome
 
 pytestmark = pytest.mark.bench
 
-MAX_ENTRIES = 100_000
-BATCH = 32
-ROUNDS, WARMUP = 10, 1
-WORST = MAX_ENTRIES - 2 * BATCH  # 99,936: this batch leaves results.json just short of full
-CASES = {  # name: earlier entries
-    "0": 0,
-    "10k": 10_000,
-    "100k": 100_000,
-    "1M": 1_000_000,
-    "worst_99936_in_results_json": WORST,
-    "worst_99936_written_ahead": WORST,
-}
-WRITTEN_AHEAD = {"worst_99936_written_ahead"}
-BASE_MILLIS = 1_767_225_600_000  # 2026-01-01T00:00:00Z, the history's first entry
-_per_task_s: dict[str, float] = {}  # this run's figures, for the ratios
-
-
-def _lines(start: int, count: int, output_dir: str) -> list[str]:
-    """`count` results entries, numbered from `start`, as json.dumps writes them."""
-    lines = []
-    for i in range(start, start + count):
-        secs = i // 10  # ten tasks a second
-        day, rest = divmod(secs, 86_400)
-        hh, rest = divmod(rest, 3600)
-        mm, ss = divmod(rest, 60)
-        stamp = f"2026-01-{1 + day % 28:02d}T{hh:02d}:{mm:02d}:{ss:02d}.{(i % 10) * 100_000:06d}"
-        ids = f'"timestamp": "{stamp}+00:00", "request_id": "req_{i}", "image_id": "page_{i}"'
-        if i % 100 == 99:
-            lines.append(
-                f'{{{ids}, "file_path": null, "status": "failed", '
-                f'"error": "shared memory segment \'img_shm_{i:x}\' does not exist"}}'
-            )
-        else:
-            name = f"page_{i}_202601{1 + day % 28:02d}_{hh:02d}{mm:02d}{ss:02d}.jpg"
-            lines.append(
-                f'{{{ids}, "file_path": "{output_dir}/{name}", "status": "completed"}}'
-            )
-    return lines
-
-
-def _document(lines: list[str]) -> bytes:
-    return ("[\n" + ",\n".join(lines) + "\n]\n").encode() if lines else b"[]\n"
-
-
-@dataclass
-class History:
-    """Pre-built files: rotated archives (shared by hard links) and results.json bodies."""
-
-    root: Path
-    rotated: list[Path] = field(default_factory=list)
-    current: dict[int, bytes] = field(default_factory=dict)  # remainder -> results.json
-
-    def lay_out(self, directory: Path, earlier: int) -> bytes:
-        """Put `earlier` entries in `directory`; returns results.json's bytes."""
-        directory.mkdir(parents=True, exist_ok=True)
-        for path in self.rotated[: earlier // MAX_ENTRIES]:
-            target = directory / path.name
-            try:
-                os.link(path, target)
-            except OSError:
-                shutil.copyfile(path, target)
-        body = self.current[earlier % MAX_ENTRIES]
-        (directory / "results.json").write_bytes(body)
-        return body
-
-
-@pytest.fixture(scope="session")
-def history(tmp_path_factory: pytest.TempPathFactory) -> History:
-    """1M entries in 10 rotated files, and the results.json bodies; built once a session."""
-    started = time.perf_counter()
-    root = tmp_path_factory.mktemp("history")
-    made = History(root)
-    out = "/srv/returner/output"
-    for n in range(max(CASES.values()) // MAX_ENTRIES):
-        path = root / f"results.202601{n + 1:02d}T000000.json"
-        path.write_bytes(_document(_lines(n * MAX_ENTRIES, MAX_ENTRIES, out)))
-        made.rotated.append(path)
-    top = len(made.rotated) * MAX_ENTRIES  # results.json entries follow the archives'
-    for earlier in CASES.values():
-        rest = earlier % MAX_ENTRIES
-        made.current.setdefault(rest, _document(_lines(top, rest, out)))
-    report("commit.history_build_time", time.perf_counter() - started, "s")
-    return made
+CASES = {"0": 0, "10k": 10_000, "1M": 1_000_000, "10M": 10_000_000}  # name: earlier records
+ROUNDS = {32: 15, 1: 40}  # batch size: timed rounds (after one untimed round)
+BASE_MILLIS = 1_795_000_000_000  # the stream entries' time: 2026-11-18
 
 
 @pytest.fixture(scope="module")
-def jpeg_1mb() -> bytes:
-    """A real JPEG of about 1 MB (grainy content, so it stays large at q80)."""
-    rng = np.random.default_rng(7)
-    frame = rng.integers(0, 256, (1448, 1024, 3), dtype=np.uint8)
-    data: bytes = simplejpeg.encode_jpeg(frame, quality=80, colorsubsampling="420")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """An OUTPUT_DIR per case, shared by both batch sizes (a few hundred records more
+    change nothing); the 10M one is 1.7 GB, removed at the end."""
+    root = tmp_path_factory.mktemp("stores")
+    made = {}
+    for case, earlier in CASES.items():
+        started = time.perf_counter()
+        harness.history(root / case, earlier)
+        report(f"commit.lay_out[{case}]", time.perf_counter() - started, "s",
+               note="build the store, or copy and fsync the cached one")
+        made[case] = root / case
+    yield made
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def page_jpeg(page_frame: Frame) -> bytes:
+    """The benchmark page as the service encodes it (q80, 4:2:0)."""
+    data: bytes = simplejpeg.encode_jpeg(page_frame, quality=80, colorsubsampling="420")
     return data
 
 
+def service_results(directory: Path) -> Results:
+    """`Results` as `returner run` makes it with the default settings."""
+    defaults = {name: spec.default for name, spec in Settings.model_fields.items()}
+    return Results(directory, defaults["output_layout"], defaults["results_json_entries"],
+                   defaults["results_retention_days"])
+
+
 @dataclass
-class Rounds:
-    """Sets each round up from the same state and keeps what the setups measured."""
+class Case:
+    """One store, opened, and the batches committed to it."""
 
-    directory: Path
-    body: bytes
+    results: Results
     jpeg: bytes
-    tag: str
-    ahead: bool = False
-    log: ResultsLog | None = None
-    opens: list[float] = field(default_factory=list)
     count: int = 0
+    times: list[float] = field(default_factory=list)  # seconds per timed batch
+    last: list[str] = field(default_factory=list)  # the last batch's image ids
 
-    def setup(self) -> tuple[tuple[ResultsLog, list[Outcome]], dict[str, Any]]:
-        self.teardown()
-        (self.directory / "results.json").write_bytes(self.body)
-        log = ResultsLog(OutputDir(self.directory), MAX_ENTRIES)
-        started = time.perf_counter()
-        log.open()  # also sweeps the JPEGs the previous round committed
-        self.opens.append(time.perf_counter() - started)
-        self.log = log
-        if self.ahead:
-            log.commit(self._outcomes(log, 1))
-            assert log._draft is not None
-            log._draft.fd.result()  # the next results.json is written ahead
-        return (log, self._outcomes(log, BATCH)), {}
-
-    def _outcomes(self, log: ResultsLog, count: int) -> list[Outcome]:
+    def batch(self, size: int) -> list[Outcome]:
         outcomes = []
-        for _ in range(count):
+        for _ in range(size):
             i = self.count
             self.count += 1
-            entry = Entry(f"{1795000000000 + i}-0", b"{}", 1)
-            outcome = Outcome(entry, Kind.COMPLETED, f"bench_{self.tag}_{i}", f"img_{i}")
-            outcome.temp_path = log.out.write_jpeg(self.jpeg)
+            entry = Entry(f"{BASE_MILLIS + i}-0", b"{}", 1)
+            outcome = Outcome(entry, Kind.COMPLETED, uuid.uuid4().hex, f"img_{i}")
+            outcome.temp_path = self.results.out.write_jpeg(self.jpeg)
             outcome.size = len(self.jpeg)
             outcomes.append(outcome)
+        self.last = [o.image_id or "" for o in outcomes]
         return outcomes
 
-    def teardown(self, *_: Any) -> None:
-        if self.log is not None:
-            self.log.close()
-            self.log = None
+    def commit(self, size: int, timed: bool) -> None:
+        outcomes = self.batch(size)
+        started = time.perf_counter()
+        decisions = self.results.commit(outcomes)
+        elapsed = time.perf_counter() - started
+        assert all(d.kind is Kind.COMPLETED for d in decisions)
+        if timed:
+            self.times.append(elapsed)
 
 
-def _commit(log: ResultsLog, outcomes: list[Outcome]) -> None:
-    log.commit(outcomes)
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("batch", list(ROUNDS))
+def test_commit(benchmark: Any, stores: dict[str, Path], page_jpeg: bytes, batch: int) -> None:
+    before = {name: harness.recorded(directory) for name, directory in stores.items()}
+    cases: dict[str, Case] = {}
+    opens: dict[str, float] = {}
 
+    def run() -> None:
+        for name, directory in stores.items():
+            results = service_results(directory)
+            started = time.perf_counter()
+            results.open()
+            opens[name] = time.perf_counter() - started
+            cases[name] = Case(results, page_jpeg)
+        order = list(cases)
+        for round_ in range(ROUNDS[batch] + 1):
+            for name in order[round_ % len(order):] + order[: round_ % len(order)]:
+                cases[name].commit(batch, timed=round_ > 0)
 
-@pytest.fixture
-def case_dir(tmp_path: Path) -> Iterator[Path]:
-    directory = tmp_path / "out"
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)  # up to 300 MB of history per case
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_commit(benchmark: Any, history: History, jpeg_1mb: bytes, case_dir: Path,
-                case: str) -> None:
-    earlier = CASES[case]
-    ahead = case in WRITTEN_AHEAD
-    rounds = Rounds(case_dir, history.lay_out(case_dir, earlier), jpeg_1mb, case, ahead)
     try:
-        benchmark.pedantic(_commit, setup=rounds.setup, teardown=rounds.teardown,
-                           rounds=ROUNDS, warmup_rounds=WARMUP)
-        # The last round's batch is durable: 32 more entries, their JPEGs under final names.
-        body = (case_dir / "results.json").read_bytes()
-        assert body.count(b"\n{") == earlier % MAX_ENTRIES + ahead + BATCH
-        last = rounds.count - 1
-        assert (case_dir / file_name(f"img_{last}", 1795000000000 + last)).exists()
-        assert not list(case_dir.glob(".*.tmp"))
+        benchmark.pedantic(run, rounds=1, iterations=1)
     finally:
-        rounds.teardown()
+        for case in cases.values():
+            case.results.close()
+    # Every batch is recorded, and the last one's JPEGs are under their final names.
+    for name, case in cases.items():
+        assert harness.recorded(stores[name]) == before[name] + case.count
+        for image_id in case.last:
+            assert list(stores[name].glob(f"{image_id}_*.jpg")), image_id
 
-    open_s = statistics.median(rounds.opens)
-    report(f"commit.open[{case}]", open_s * 1000, "ms", earlier=earlier,
-           note="ResultsLog.open(), median of the rounds' setups")
-    batch = median_s(benchmark)
-    if batch is None:
-        return
-    per_task = batch / BATCH
-    _per_task_s[case] = per_task
-    report(f"commit.per_task[{case}]", per_task * 1000, "ms/task", earlier=earlier,
-           batch_ms=batch * 1000, jpeg_bytes=len(jpeg_1mb),
-           results_json_entries=earlier % MAX_ENTRIES, rotated_files=earlier // MAX_ENTRIES)
-    base = _per_task_s.get("0")
-    if base and case != "0":
-        report(f"commit.per_task_ratio[{case}/0]", per_task / base, "x",
-               note="same run, batch of 32")
+    base = statistics.median(cases["0"].times) / batch
+    for name, case in cases.items():
+        where = f"{name}, batch {batch}"
+        per_task = statistics.median(case.times) / batch
+        report(f"commit.open[{where}]", opens[name] * 1000, "ms", earlier=CASES[name],
+               note="Results.open() of a store already imported")
+        report(f"commit.per_task[{where}]", per_task * 1000, "ms/task", earlier=CASES[name],
+               batches=len(case.times), slowest_batch_ms=max(case.times) * 1000,
+               jpeg_bytes=len(page_jpeg))
+        if name != "0":
+            report(f"commit.per_task_ratio[{name}/0, batch {batch}]", per_task / base, "x",
+                   note=f"same rounds, batch of {batch}")

@@ -6,13 +6,13 @@ or memory is short: at most 45% of what is free), `CONFIG RESETSTAT` just before
 starts, and the statistics read as soon as the last task is acknowledged.
 
 Redis counts every command a Lua script runs in commandstats too (fetch.lua's LPOP,
-XADD and XREADGROUP, ack.lua's XACK and XDEL, ...), and on Redis 7 in
+XADD and XREADGROUP, settle.lua's XACK and XDEL, ...), and on Redis 7 in
 `total_commands_processed` as well, so neither tells the commands the client issued.
 A MONITOR connection tells them apart: it shows script commands as `[0 lua]`. Two
 figures come out per task: (a) every call in commandstats, (b) the calls the client
 issued (a minus those run inside scripts), plus the break-down per command and the
 EVALSHA calls per script (MONITOR shows each script's SHA1). MONITOR is also how the
-test knows every task was acknowledged (the IDs in ack.lua's XACK) without sending
+test knows every task was acknowledged (the IDs in settle.lua's XACK) without sending
 Redis a command of its own. Our own commands (MONITOR, CONFIG RESETSTAT, INFO, ECHO)
 are left out. Counts depend on the run's length only through the service's timed
 calls (queue observation every 2 s, a claim pass every 15 s).
@@ -21,7 +21,6 @@ calls (queue observation every 2 s, a claim pass every 15 s).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -41,6 +40,7 @@ import numpy as np
 import pytest
 
 from benchmarks.conftest import Frame, RedisServer, Segments, private_redis, report, wait_until
+from benchmarks.harness import recorded
 
 pytestmark = pytest.mark.bench
 
@@ -101,7 +101,7 @@ class Monitor(threading.Thread):
         name = _name(args)
         if source == b"lua":
             self.scripted[name] += 1
-            if name == "xack":  # XACK key group id...: ack.lua (and dead_letter.lua)
+            if name == "xack":  # XACK key group id...: settle.lua
                 self.acked += len(args) - 3
         elif name == "evalsha" and len(args) > 1:
             self.evalsha[args[1].decode()] += 1
@@ -256,7 +256,7 @@ def test_redis_cpu_per_task(benchmark: Any, tmp_path: Path, segments: Segments) 
     """Redis CPU per task with small frames (64x64), where the returner runs fastest and
     Redis is most likely to be the limit; no MONITOR attached. The renderer's RPUSH is
     measured apart: segments are made first, then their tasks pushed one by one."""
-    from returner.demo import task_message
+    from returner.producer import task_message
 
     frame = np.zeros((64, 64, 3), np.uint8)
     queue = f"bench:cpu:{uuid.uuid4().hex[:8]}"
@@ -276,7 +276,7 @@ def test_redis_cpu_per_task(benchmark: Any, tmp_path: Path, segments: Segments) 
             nonlocal proc
             got["start"] = time.perf_counter()
             proc = _start_service(server, queue, tmp_path, log)
-            wait_until(lambda: _results(out) >= SMALL_TASKS or proc.poll() is not None, 300,
+            wait_until(lambda: recorded(out) >= SMALL_TASKS or proc.poll() is not None, 300,
                        "every task to be recorded", 0.05)
             got["served"] = _redis_cpu(client)
             got["seconds"] = time.perf_counter() - got["start"]
@@ -297,10 +297,3 @@ def test_redis_cpu_per_task(benchmark: Any, tmp_path: Path, segments: Segments) 
            note="Redis CPU (user+sys) per task served, 64x64 frames, start-up included")
     report("redis_cpu.tasks_per_s", SMALL_TASKS / got["seconds"], "tasks/s",
            note="64x64 frames, from process start to the last result")
-
-
-def _results(out: Path) -> int:
-    try:
-        return len(json.loads((out / "results.json").read_bytes()))
-    except (OSError, ValueError):
-        return 0

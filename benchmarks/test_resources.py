@@ -2,12 +2,12 @@
 
 The service runs as a subprocess (`python -m returner run`) against the suite's private
 Redis, on a queue of its own, with METRICS_PORT=0 and LOG_LEVEL=WARNING. It is fed
-256x256 RGB pages through `returner.demo.push_frame`, in chunks, so that /dev/shm never
-holds more than about 1,000 frames: more are pushed only once fewer than 750 are pushed
-and not yet completed. After every 1,000 completed tasks (entries in results.json) the
-process's RSS, open descriptors and threads are sampled (psutil). The figures at 1k, 5k
-and 10k and the growth from 1k to 10k are reported; the whole run is what
-pytest-benchmark times. It ends with SIGTERM, which must exit 0.
+256x256 RGB pages through `Segments.push` (`returner.producer.put_segment`), in chunks,
+so that /dev/shm never holds more than about 1,000 frames: more are pushed only once
+fewer than 750 are pushed and not yet completed. After every 1,000 completed tasks
+(records in the store) the process's RSS, open descriptors and threads are sampled
+(psutil). The figures at 1k, 5k and 10k and the growth from 1k to 10k are reported; the
+whole run is what pytest-benchmark times. It ends with SIGTERM, which must exit 0.
 
 Nothing here asserts a figure: the test fails only if tasks are lost, segments are left
 behind, or the service does not stop cleanly.
@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from benchmarks.conftest import RedisServer, Segments, manga_page, report, wait_until
+from returner.results import STORE, Store
 
 pytestmark = pytest.mark.bench
 
@@ -49,22 +50,30 @@ class Sample:
 
 
 class Progress:
-    """Completed tasks, read from results.json (one entry per line) when it changes."""
+    """Completed tasks: the records in the service's store (the output directory is
+    this test's alone), read through a connection of our own once the store exists.
+    results.json holds only the latest 1,000 and trails by up to a second."""
 
-    def __init__(self, results: Path) -> None:
-        self.results = results
-        self._stamp: tuple[int, int] | None = None
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.store: Store | None = None
         self.count = 0
 
+    def started(self) -> bool:
+        return (self.output_dir / STORE).exists()
+
     def read(self) -> int:
-        try:
-            st = os.stat(self.results)
-        except FileNotFoundError:
-            return self.count
-        if (st.st_ino, st.st_mtime_ns) != self._stamp:
-            self._stamp = (st.st_ino, st.st_mtime_ns)
-            self.count = self.results.read_bytes().count(b"\n{")
+        if self.store is None:
+            if not self.started():
+                return self.count
+            self.store = Store(self.output_dir, create=False)
+        self.count = self.store.counts()["total"]
         return self.count
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
 
 def _service_env(url: str, queue: str, output_dir: Path) -> dict[str, str]:
@@ -129,7 +138,7 @@ def test_resources_over_10k_tasks(benchmark: Any, bench_redis: RedisServer, tmp_
     psutil = pytest.importorskip("psutil")
     queue = f"bench:resources:{uuid.uuid4().hex[:8]}"
     output_dir = tmp_path / "out"
-    progress = Progress(output_dir / "results.json")
+    progress = Progress(output_dir)
     log_path = tmp_path / "returner.log"
     got: dict[str, Any] = {}
 
@@ -142,7 +151,7 @@ def test_resources_over_10k_tasks(benchmark: Any, bench_redis: RedisServer, tmp_
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
             try:
-                wait_until(lambda: progress.results.exists() or proc.poll() is not None, 30,
+                wait_until(lambda: progress.started() or proc.poll() is not None, 30,
                            "returner run to start")
                 got["samples"] = _feed_and_sample(psutil, proc, bench_redis, queue, segments,
                                                   progress)
@@ -159,6 +168,7 @@ def test_resources_over_10k_tasks(benchmark: Any, bench_redis: RedisServer, tmp_
         raise
     assert got["exit"] == 0, log_path.read_text(errors="replace")[-3000:]
     assert progress.read() == TASKS
+    progress.close()
     assert segments.left() == 0, "the service left segments in /dev/shm"
     _report(got["samples"])
 
