@@ -187,6 +187,8 @@ def run(
             supervise(settings, demo_count)
         else:
             serve(settings, demo_count)
+    except SettingsError as exc:
+        raise fail(f"bad setting {exc}") from None
     except ReturnerError as exc:
         raise fail(str(exc), 1) from None
 
@@ -210,6 +212,11 @@ def serve(settings: Settings, demo_count: int, supervised: tuple[Path, int] | No
     try:
         with redis_url_for(settings, embedded_ok=True) as url:
             worker = Worker(settings, stream_for(settings, url), metrics, stop, health)
+            if os.geteuid() == 0:
+                log.warning(
+                    "running as root: a bug or a hostile message would have the whole "
+                    "host; run as the renderer's user"
+                )
             if demo_count:
                 start_demo(url, settings, demo_count)
             worker.run()
@@ -338,6 +345,8 @@ def replay(
                 show_pending(stream, idle, limit)
             else:
                 replay_pending(settings, stream, idle, limit)
+        except SettingsError as exc:
+            raise fail(f"bad setting {exc}") from None
         except ReturnerError as exc:
             raise fail(str(exc), 1) from None
 

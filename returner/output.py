@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -33,8 +34,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from returner.errors import DiskError
-from returner.results import Record, Store, Tx, translated
+from returner.errors import DiskError, SettingsError
+from returner.results import STORE, Record, Store, Tx, translated
 from returner.task import Decision, Kind, Outcome
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,29 @@ def finish_move(temp: str, final: str) -> None:
             log.error("the JPEG of a completed record is lost: %s (temp %s gone)", final, temp)
 
 
+def check_private(path: Path) -> None:
+    """Refuse a path another user owns or may write to, as sshd's StrictModes does: they
+    could swap files under the returner, or hold its store. A missing path is fine.
+
+    Raises SettingsError, naming the path and the fix.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise SettingsError(
+            f"OUTPUT_DIR: {path} belongs to uid {st.st_uid}, not to the returner's user "
+            f"(uid {me}): chown {me} {path}, or run the returner as uid {st.st_uid}"
+        )
+    if st.st_mode & 0o022:
+        raise SettingsError(
+            f"OUTPUT_DIR: {path} is writable by other users (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): chmod go-w {path}"
+        )
+
+
 def _try_lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -147,9 +171,13 @@ class OutputDir:
     """OUTPUT_DIR, its layout, and this process's directory of temp files."""
 
     def __init__(self, path: Path, layout: str = "flat") -> None:
+        """Raises SettingsError when OUTPUT_DIR or its store could be changed by another
+        user, DiskError when it cannot be prepared."""
         try:
             path.mkdir(parents=True, exist_ok=True)
             self.path = path.resolve()
+            for private in (self.path, self.path / STORE, self.path / TEMPS):
+                check_private(private)
             self.temps_root = self.path / TEMPS
             self.temps_root.mkdir(mode=0o700, exist_ok=True)
             self.writer, self._writer_fd = self._claim_temps()
