@@ -174,7 +174,8 @@ class OutputDir:
         """Raises SettingsError when OUTPUT_DIR or its store could be changed by another
         user, DiskError when it cannot be prepared."""
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            # Never writable by others, whatever the umask (JPEGs and the view follow it).
+            path.mkdir(mode=0o755, parents=True, exist_ok=True)
             self.path = path.resolve()
             for private in (self.path, self.path / STORE, self.path / TEMPS):
                 check_private(private)
@@ -219,7 +220,7 @@ class OutputDir:
             return self.path
         day = self.path / entry_time(millis).strftime("%Y-%m-%d")
         if not day.is_dir():
-            day.mkdir(exist_ok=True)
+            day.mkdir(mode=0o755, exist_ok=True)
             fsync_dir(self.path)
         return day
 
@@ -357,7 +358,7 @@ class Results:
                     self._finish(tx, self.out.writer)
                 self._placed = False
                 stamp = now_iso()
-                decisions = [self._decide(tx, outcome, stamp) for outcome in outcomes]
+                decisions = [self._decide_alone(tx, outcome, stamp) for outcome in outcomes]
         except DiskError:
             for outcome in outcomes:
                 discard(outcome.temp_path)
@@ -366,6 +367,21 @@ class Results:
         self._place([d for d in decisions if d.kind is Kind.COMPLETED])
         self._dirty = True
         return decisions
+
+    def _decide_alone(self, tx: Tx, outcome: Outcome, stamp: str) -> Decision:
+        """Decide one outcome in a savepoint of its own: an unforeseen error leaves it
+        pending (to be delivered again, and counted, as after a crash) and the rest of
+        the batch committed. A failing disk still fails the whole batch."""
+        with tx.savepoint() as undo:
+            try:
+                return self._decide(tx, outcome, stamp)
+            except (DiskError, OSError, sqlite3.Error):
+                raise
+            except Exception:
+                log.exception("committing entry %s failed; left pending", outcome.entry.id)
+                undo()
+        discard(outcome.temp_path)
+        return Decision(outcome, Kind.RETRY)
 
     def _decide(self, tx: Tx, outcome: Outcome, stamp: str) -> Decision:
         if outcome.kind is Kind.RETRY:

@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import quote
 
 from returner.errors import DiskError
+from returner.task import encodable
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Record:
     entry_id: str | None
 
     def row(self) -> tuple[str | None, ...]:
-        return (
+        fields = (
             self.timestamp,
             self.request_id,
             self.image_id,
@@ -91,6 +92,7 @@ class Record:
             self.error,
             self.entry_id,
         )
+        return tuple(None if v is None else encodable(v) for v in fields)
 
 
 def as_dict(row: Sequence[Any]) -> dict[str, Any]:
@@ -355,6 +357,19 @@ class Tx:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[Callable[[], None]]:
+        """A nested step; the callable it yields undoes what the step did so far."""
+        self.db.execute("SAVEPOINT step")
+
+        def undo() -> None:
+            self.db.execute("ROLLBACK TO step")
+
+        try:
+            yield undo
+        finally:
+            self.db.execute("RELEASE step")
 
     def completed_path(self, request_id: str, image_id: str) -> str | None:
         """The file of the task's completed record; "" if it has none; None if no record."""

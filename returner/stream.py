@@ -16,7 +16,7 @@ from redis.commands.core import Script
 from redis.exceptions import RedisClusterException
 
 from returner.errors import RedisUnavailable
-from returner.task import Entry
+from returner.task import Entry, encodable
 
 SOCKET_TIMEOUT_S = 10.0
 
@@ -190,12 +190,12 @@ class Settlement:
         return [
             entry.id,
             "1" if self.dead else "0",
-            self.request_id or "",
-            self.image_id or "",
+            encodable(self.request_id or ""),
+            encodable(self.image_id or ""),
             self.status,
             self.outcome,
-            self.file_path or "",
-            self.error or "",
+            encodable(self.file_path or ""),
+            encodable(self.error or ""),
             timestamp,
             entry.deliveries,
             settling.dead_task(entry.task) if self.dead else b"",

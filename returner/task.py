@@ -96,6 +96,11 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and _is_text(value) else None
 
 
+def encodable(text: str) -> str:
+    """`text` as valid Unicode: a lone surrogate (which UTF-8 cannot carry) is escaped."""
+    return text if _is_text(text) else text.encode("utf-8", "backslashreplace").decode()
+
+
 def _is_text(value: str) -> bool:
     """Whether `value` is valid Unicode text (JSON can carry lone surrogates; UTF-8 cannot)."""
     try:

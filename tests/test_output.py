@@ -220,3 +220,24 @@ def test_a_dead_writers_temp_files_are_removed(results: Results) -> None:
     assert len(list((results.out.path / TEMPS).iterdir())) == 2
     results.sweep(results.store.db)
     assert [p.name for p in (results.out.path / TEMPS).iterdir()] == [results.out.writer]
+
+
+def test_an_unforeseen_error_in_one_outcome_leaves_the_rest_committed(
+    results: Results, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    free_name = Results._free_name
+
+    def buggy(self: Results, tx: Any, image_id: str, millis: int) -> Path:
+        if image_id == "bug":
+            raise RuntimeError("a bug in naming")
+        return free_name(self, tx, image_id, millis)
+
+    monkeypatch.setattr(Results, "_free_name", buggy)
+    batch = [completed(results, "r", "before"), completed(results, "r", "bug"),
+             completed(results, "r", "after")]
+    kinds = [d.kind for d in results.commit(batch)]
+    assert kinds == [Kind.COMPLETED, Kind.RETRY, Kind.COMPLETED]
+    assert [r["image_id"] for r in read_results(results.out.path)] == ["before", "after"]
+    assert temp_files(results) == []  # the pending one is encoded again when redelivered
+    assert sorted(p.name for p in results.out.path.glob("*.jpg")) == [
+        f"after_{STAMP}.jpg", f"before_{STAMP}.jpg"]

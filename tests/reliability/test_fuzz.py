@@ -14,6 +14,7 @@ import json
 import os
 import re
 import unicodedata
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from returner.errors import BadTask
 from returner.output import file_name, safe_stem
 from returner.settings import DEFAULT_SHM_NAME_PATTERN
+from returner.stream import Keys
 from returner.task import MAX_DIMENSION, NAME_MAX, Rules, Task, parse_task, read_ids
 
 pytestmark = pytest.mark.fuzz
@@ -342,3 +344,46 @@ def test_long_ids_sharing_a_prefix_stay_distinct(unit: str, repeat: int, tails: 
     for name in names:
         check_component(name)
     assert len(set(names)) == len(ids)
+
+
+# -- through the whole service -----------------------------------------------------------
+
+
+class ServiceUnderFuzz:
+    """One worker in this process for every example: what one message does to it, the
+    next one meets."""
+
+    def __init__(self, run: Any, r: Any, queue: str) -> None:
+        self.run, self.r, self.queue, self.pushed = run, r, queue, 0
+
+    def push(self, messages: list[bytes]) -> None:
+        self.r.rpush(self.queue, *messages)
+        self.pushed += len(messages)
+        self.run.settled(self.pushed)
+
+
+@pytest.fixture
+def fuzzed_service(make_settings: Any, r: Any) -> Iterator[ServiceUnderFuzz]:
+    from tests.test_worker import running
+
+    settings = make_settings(MAX_DELIVERIES=2)
+    with running(settings) as run:
+        yield ServiceUnderFuzz(run, r, settings.hosting_tasks_queue)
+        assert run.thread.is_alive() and not run.errors
+    keys = Keys.for_queue(settings.hosting_tasks_queue)
+    assert r.llen(settings.hosting_tasks_queue) == 0 and r.xlen(keys.stream) == 0
+    assert r.xpending(keys.stream, settings.consumer_group)["pending"] == 0
+
+
+@settings(max_examples=max(EXAMPLES // 4, 25), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.function_scoped_fixture])
+@given(st.lists(st.binary(max_size=512) | mutated() | _raw_texts | near_valid()
+                | (_json | st.dictionaries(st.sampled_from(_FIELDS).map(lambda p: p[0]), _json))
+                .flatmap(lambda doc: st.booleans().map(lambda a: encode(doc, a))),
+                min_size=1, max_size=8))
+def test_arbitrary_messages_through_the_service(fuzzed_service: ServiceUnderFuzz,
+                                                messages: list[bytes]) -> None:
+    """Whatever the messages, the worker settles every one and stays alive (the fixture
+    checks, once every example has run, that nothing is left pending)."""
+    fuzzed_service.push(messages)
