@@ -10,6 +10,12 @@ in between has its moves finished, and its temp files removed, by the next proce
 that sweeps `.tmp/` (at start, and every few seconds while running). Start-up work
 grows with the number of writers, not with the number of JPEGs.
 
+Every file is reached through a descriptor of OUTPUT_DIR held since start
+(`/proc/self/fd/N/...`), so a directory renamed or swapped for a symbolic link meanwhile
+redirects nothing; files are created with O_EXCL | O_NOFOLLOW, never through a link,
+never opening what is already there. The moves table holds paths relative to
+OUTPUT_DIR; records hold absolute ones.
+
 `results.json` is a view: the latest RESULTS_JSON_ENTRIES records, replaced by rename
 at most a second after a commit (and at start and stop), under an flock so that
 several processes never rename an older selection over a newer one.
@@ -31,7 +37,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from returner.errors import DiskError, SettingsError
@@ -179,13 +185,26 @@ class OutputDir:
             self.path = path.resolve()
             for private in (self.path, self.path / STORE, self.path / TEMPS):
                 check_private(private)
-            self.temps_root = self.path / TEMPS
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            self.root = Path(f"/proc/self/fd/{self._fd}")
+            self.temps_root = self.root / TEMPS
             self.temps_root.mkdir(mode=0o700, exist_ok=True)
             self.writer, self._writer_fd = self._claim_temps()
         except OSError as exc:
             raise _disk_error(f"preparing {path}", exc) from exc
         self.temps = self.temps_root / self.writer
         self.daily = layout == "daily"
+
+    def here(self, relative: str | PurePath) -> Path:
+        """A path inside OUTPUT_DIR, reached through the descriptor held since start."""
+        return self.root / relative
+
+    def inside(self, path: str | Path) -> PurePath | None:
+        """`path` (one of ours, or a record's file_path) relative to OUTPUT_DIR."""
+        for base in (self.root, self.path):
+            with contextlib.suppress(ValueError):
+                return PurePath(path).relative_to(base)
+        return None
 
     def _claim_temps(self) -> tuple[str, int]:
         """A new directory of our own in .tmp/, flocked for as long as we live."""
@@ -200,10 +219,13 @@ class OutputDir:
                 return writer, fd
             os.close(fd)
 
-    def close(self) -> None:
-        """Remove our temp directory (nothing in it is recorded once settled)."""
-        remove_tree(self.temps)
+    def close(self, remove_temps: bool = True) -> None:
+        """Let go of OUTPUT_DIR; with `remove_temps`, remove our temp directory first
+        (nothing in it is recorded once every move is done)."""
+        if remove_temps:
+            remove_tree(self.temps)
         os.close(self._writer_fd)
+        os.close(self._fd)
 
     def temp_path(self, suffix: str = ".jpg") -> Path:
         return self.temps / f"{uuid.uuid4().hex}{suffix}"
@@ -214,14 +236,15 @@ class OutputDir:
         write_file(temp, data)
         return temp
 
-    def directory_for(self, millis: int) -> Path:
-        """Where a frame of this stream entry goes; a new daily directory is made durable."""
+    def directory_for(self, millis: int) -> PurePath:
+        """Where in OUTPUT_DIR a frame of this stream entry goes; a new daily directory
+        is made durable."""
         if not self.daily:
-            return self.path
-        day = self.path / entry_time(millis).strftime("%Y-%m-%d")
-        if not day.is_dir():
-            day.mkdir(mode=0o755, exist_ok=True)
-            fsync_dir(self.path)
+            return PurePath()
+        day = PurePath(entry_time(millis).strftime("%Y-%m-%d"))
+        if not self.here(day).is_dir():
+            self.here(day).mkdir(mode=0o755, exist_ok=True)
+            fsync_dir(self.root)
         return day
 
     def dead_writers(self) -> Iterator[tuple[str, int]]:
@@ -252,10 +275,10 @@ class View:
 
     def __init__(self, out: OutputDir, entries: int) -> None:
         self.out, self.entries = out, entries
-        self.path = out.path / RESULTS
+        self.path = out.here(RESULTS)
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
         try:
-            self._lock_fd = os.open(out.path / LOCK, flags, 0o600)
+            self._lock_fd = os.open(out.here(LOCK), flags, 0o600)
         except OSError as exc:
             raise _disk_error(f"opening {LOCK}", exc) from exc
 
@@ -302,7 +325,7 @@ class Results:
         retention_days: int = 0,
     ) -> None:
         self.out = OutputDir(directory, layout)
-        self.store = Store(self.out.path)
+        self.store = Store(self.out.root)
         self.view = View(self.out, view_entries)
         self.retention_days = retention_days
         self._placed = True  # the moves of our last commit are done
@@ -335,8 +358,7 @@ class Results:
                 self.view.write(self.store, None, LOCK_WAIT_S)
         self.store.close()
         self.view.close()
-        if self._placed:
-            self.out.close()
+        self.out.close(remove_temps=self._placed)
 
     def is_completed(self, key: tuple[str, str] | None) -> bool:
         """Whether the task has a completed record. Raises DiskError."""
@@ -393,16 +415,18 @@ class Results:
             # Another writer's move to it may be unfinished (and that writer gone): the
             # file must be there before this is acked. Ours are all of this transaction,
             # which renames them itself once committed.
-            for writer, temp, target in tx.moves(final=recorded) if recorded else []:
+            target = self.out.inside(recorded) if recorded else None
+            for writer, temp, final in tx.moves(final=str(target)) if target else []:
                 if writer != self.out.writer:
-                    finish_move(temp, target)
+                    finish_move(str(self.out.here(temp)), str(self.out.here(final)))
             return Decision(outcome, Kind.DUPLICATE, Path(recorded) if recorded else None)
         entry = outcome.entry
         if outcome.kind is Kind.COMPLETED:
             assert outcome.temp_path is not None and key is not None
-            path = self._free_name(tx, key[1], entry.millis)
+            name = self._free_name(tx, key[1], entry.millis)
+            path = self.out.path / name
             tx.insert(Record(stamp, *key, str(path), "completed", None, entry.id))
-            tx.add_move(self.out.writer, str(outcome.temp_path), str(path))
+            tx.add_move(self.out.writer, str(self.out.inside(outcome.temp_path)), str(name))
             return Decision(outcome, Kind.COMPLETED, path)
         error = outcome.error or "failed"
         tx.insert(
@@ -410,21 +434,26 @@ class Results:
         )
         return Decision(outcome, outcome.kind)
 
-    def _free_name(self, tx: Tx, image_id: str, millis: int) -> Path:
-        # A name that exists, or that a recorded move will create, belongs to another
-        # task: a suffix rather than overwriting it.
+    def _free_name(self, tx: Tx, image_id: str, millis: int) -> PurePath:
+        """A free name in OUTPUT_DIR (relative to it). A name that exists, or that a
+        recorded move will create, belongs to another task: a suffix, not overwriting."""
         directory = self.out.directory_for(millis)
         for suffix in range(1_000_000):
             candidate = directory / file_name(image_id, millis, suffix)
-            if not os.path.lexists(candidate) and not tx.claimed(str(candidate)):
+            if not os.path.lexists(self.out.here(candidate)) and not tx.claimed(str(candidate)):
                 return candidate
         raise DiskError(f"no free file name for {image_id[:80]!r}")
 
     def _place(self, completed: list[Decision]) -> None:
+        finals = [
+            self.out.here(d.file_path.relative_to(self.out.path))
+            for d in completed
+            if d.file_path is not None
+        ]
         try:
-            for decision in completed:
-                finish_move(str(decision.outcome.temp_path), str(decision.file_path))
-            for directory in {d.file_path.parent for d in completed if d.file_path}:
+            for decision, final in zip(completed, finals, strict=True):
+                finish_move(str(decision.outcome.temp_path), str(final))
+            for directory in {final.parent for final in finals}:
                 fsync_dir(directory)
         except OSError as exc:
             raise _disk_error("moving JPEGs into place", exc) from exc
@@ -432,10 +461,13 @@ class Results:
 
     def _finish(self, tx: Tx, writer: str) -> None:
         """Finish a writer's recorded moves and forget them."""
-        moves = tx.moves(writer=writer)
-        for _, temp, final in moves:
-            finish_move(temp, final)
-        for directory in {Path(final).parent for _, _, final in moves}:
+        moves = [
+            (self.out.here(temp), self.out.here(final))
+            for _, temp, final in tx.moves(writer=writer)
+        ]
+        for temp, final in moves:
+            finish_move(str(temp), str(final))
+        for directory in {final.parent for _, final in moves}:
             fsync_dir(directory)
         tx.forget_moves(writer)
 
@@ -494,19 +526,19 @@ class Results:
         self._remove_legacy_leftovers()
 
     def _archives(self) -> Iterator[tuple[str, list[Any]]]:
-        path = self.out.path / RESULTS
+        path = self.out.here(RESULTS)
         if path.is_file() and not path.is_symlink():
             archive = self._archive_name()
             os.rename(path, archive)
-            fsync_dir(self.out.path)
+            fsync_dir(self.out.root)
             log.info("kept the earlier results.json as %s", archive.name)
-        for archive in sorted(p for p in self.out.path.iterdir() if _ARCHIVE.fullmatch(p.name)):
+        for archive in sorted(p for p in self.out.root.iterdir() if _ARCHIVE.fullmatch(p.name)):
             yield _read_archive(archive)
 
     def _archive_name(self) -> Path:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         for n in range(1000):
-            archive = self.out.path / f"results.{stamp}{f'_{n}' if n else ''}.json"
+            archive = self.out.here(f"results.{stamp}{f'_{n}' if n else ''}.json")
             if not os.path.lexists(archive):
                 return archive
         raise DiskError("no free name to archive results.json")
@@ -516,10 +548,10 @@ class Results:
         for name in filter(_OURS.fullmatch, named):
             if not self.store.references(str(self.out.path / name)):
                 log.warning("removing orphan %s (its writer died before recording it)", name)
-                discard(self.out.path / name)
+                discard(self.out.here(name))
         os.ftruncate(self.view._lock_fd, 0)
         os.fchmod(self.view._lock_fd, 0o600)
-        for entry in os.scandir(self.out.path):
+        for entry in os.scandir(self.out.root):
             match = _LEGACY_TEMP.fullmatch(entry.name)
             if match and entry.is_file(follow_symlinks=False) and not process_alive(int(match[1])):
                 discard(entry.path)

@@ -241,3 +241,21 @@ def test_an_unforeseen_error_in_one_outcome_leaves_the_rest_committed(
     assert temp_files(results) == []  # the pending one is encoded again when redelivered
     assert sorted(p.name for p in results.out.path.glob("*.jpg")) == [
         f"after_{STAMP}.jpg", f"before_{STAMP}.jpg"]
+
+
+def test_output_dir_swapped_for_a_link_while_running_redirects_nothing(tmp_path: Path) -> None:
+    """Finding 6: the service works through a descriptor of OUTPUT_DIR held since start."""
+    real, moved, elsewhere = tmp_path / "out", tmp_path / "moved", tmp_path / "elsewhere"
+    results = Results(real)
+    results.open()
+    try:
+        os.rename(real, moved)
+        elsewhere.mkdir()
+        real.symlink_to(elsewhere)
+        [decision] = results.commit([completed(results, "r", "i")])
+        assert decision.kind is Kind.COMPLETED
+    finally:
+        results.close()
+    assert (moved / f"i_{STAMP}.jpg").read_bytes() == b"r/i"
+    assert (moved / "results.json").exists()
+    assert list(elsewhere.iterdir()) == []

@@ -274,7 +274,7 @@ def die_after_commit(directory: Path, request_id: str = "req", image_id: str = "
     [record] = completed_records(directory, request_id, image_id)
     final = Path(record["file_path"])
     assert not final.exists(), "the child died before renaming: its file is at a temp name"
-    assert [m[2] for m in moves(directory)] == [str(final)]
+    assert [m[2] for m in moves(directory)] == [final.name]  # relative to OUTPUT_DIR
     assert len(temp_files(directory)) == 1
     return final
 
