@@ -42,6 +42,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     help="Save rendered frames from shared memory as JPEG, driven by Redis.",
 )
 
@@ -320,8 +321,9 @@ def replay(
     claimed entry was settled, 1 if some are still pending. --dead-letter moves dead
     letters back into the stream, where running workers retry them.
 
-    Examples: returner replay --pending --min-idle 0 ;
-    returner replay --dead-letter --request-id req_001 --dry-run
+    Example: returner replay --pending --min-idle 0
+
+    Example: returner replay --dead-letter --request-id req_001 --dry-run
     """
     if pending == dead_letter:
         raise fail("give exactly one of --pending or --dead-letter")
@@ -425,7 +427,7 @@ def status(
     group: Group = None,
 ) -> None:
     """Show the list and stream lengths, pending entries per consumer with the oldest
-    idle time, dead letters with the last errors, and the results count.
+    idle time, dead letters with the last errors, and the records in the store.
 
     Example: returner status --json
     """
@@ -689,6 +691,7 @@ def wait(
     """Wait until every named image is completed: exit 0; 1 once one failed; 124 on timeout.
 
     Events already in the stream count, so it never misses one that came before it.
+
     Example: returner wait req_001 image_001 image_002 --timeout 30
     """
     settings = settings_from(redis_url=redis_url, hosting_tasks_queue=queue, log_level="WARNING")
@@ -762,6 +765,7 @@ def push_cmd(
     """Decode JPEG files into shared memory and push their tasks, as a renderer would.
 
     A file that cannot be decoded is reported and skipped; exit 1 if any was.
+
     Example: returner push pages/*.jpg --request-id req_smoke
     """
     if image_id is not None and len(files) != 1:
