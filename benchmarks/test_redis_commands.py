@@ -297,3 +297,86 @@ def test_redis_cpu_per_task(benchmark: Any, tmp_path: Path, segments: Segments) 
            note="Redis CPU (user+sys) per task served, 64x64 frames, start-up included")
     report("redis_cpu.tasks_per_s", SMALL_TASKS / got["seconds"], "tasks/s",
            note="64x64 frames, from process start to the last result")
+
+
+COST_TASKS = 20_000
+COST_BATCH = 32  # the service's BATCH_SIZE, and publish_many's batch here
+
+
+def _cpu_of(client: Any, action: Any) -> float:
+    """Redis CPU seconds that `action` costs (the server does nothing else)."""
+    before = _redis_cpu(client)
+    action()
+    return _redis_cpu(client) - before
+
+
+def _settle_all(stream: Any, ack_only: Any) -> None:
+    """Fetch and settle every task in batches: with settle.lua (events on) or with a
+    script that only acks and deletes, as settling did before events."""
+    from returner.stream import Settlement
+
+    while entries := stream.fetch(COST_BATCH):
+        if ack_only is None:
+            stream.settle([Settlement(e, "completed", "completed", "bench", e.id,
+                                      f"/out/{e.id}.jpg") for e in entries])
+        else:
+            ack_only(keys=[stream.keys.stream], args=[stream.group, *[e.id for e in entries]],
+                     client=stream.client)
+
+
+@pytest.mark.timeout(600)
+def test_redis_cpu_of_events_and_of_batched_pushes(benchmark: Any, tmp_path: Path) -> None:
+    """Two costs on Redis's side, each against its baseline in the same run, on one
+    redis-server doing nothing else (64-byte-ish messages; no frames are needed):
+
+    - events: fetch + settle of COST_TASKS tasks with settle.lua (one XADD to {L}:events
+      per task, MAXLEN ~) against a script that only XACKs and XDELs, as before events;
+    - pushes: COST_TASKS tasks pushed by one RPUSH each (the upstream renderer) against
+      Producer.publish_many's one RPUSH per batch of COST_BATCH.
+    """
+    from redis.commands.core import Script
+
+    from returner.producer import task_message
+    from returner.stream import Stream
+
+    ack_only = Script(None, b"redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2)) "  # type: ignore[arg-type]
+                            b"redis.call('XDEL', KEYS[1], unpack(ARGV, 2)) return 1")
+    messages = [task_message(f"img_shm_{i:032x}", (1448, 1024, 3), "bench", f"img_{i:05d}")
+                for i in range(COST_TASKS)]
+    got: dict[str, float] = {}
+    with private_redis(tmp_path / "redis") as server:
+        client = server.client
+
+        def measure() -> None:
+            for name, script in (("ack_only", ack_only), ("settle", None)):
+                queue = f"bench:cost:{name}:{uuid.uuid4().hex[:8]}"
+                stream = Stream(client, queue, "returner", "bench")
+                stream.ensure_group()
+                got[f"push_one[{name}]"] = _cpu_of(
+                    client, lambda q=queue: [client.rpush(q, m) for m in messages])
+                got[name] = _cpu_of(client, lambda s=stream, a=script: _settle_all(s, a))
+                got[f"events[{name}]"] = client.xlen(stream.keys.events)
+            queue = f"bench:cost:batched:{uuid.uuid4().hex[:8]}"
+            got["push_batched"] = _cpu_of(client, lambda: [
+                client.rpush(queue, *messages[i : i + COST_BATCH])
+                for i in range(0, COST_TASKS, COST_BATCH)])
+
+        benchmark.pedantic(measure, rounds=1, iterations=1)
+    assert got["events[settle]"] > 0 and got["events[ack_only]"] == 0
+    us = {k: v / COST_TASKS * 1e6 for k, v in got.items() if not k.startswith("events")}
+    served_without, served_with = us["ack_only"], us["settle"]
+    push_one = (us["push_one[ack_only]"] + us["push_one[settle]"]) / 2
+    report("redis_cpu.serve_without_events", served_without, "us/task",
+           note="fetch.lua + a script that only XACKs and XDELs, batches of 32")
+    report("redis_cpu.serve_with_events", served_with, "us/task",
+           note="fetch.lua + settle.lua (XACK, XADD event MAXLEN ~, XDEL), batches of 32")
+    report("redis_cpu.events_extra", served_with - served_without, "us/task",
+           note="Redis CPU the events add per task (target: at most 10)")
+    report("redis_cpu.push_one_rpush", push_one, "us/task", note="one RPUSH a task")
+    report("redis_cpu.push_publish_many", us["push_batched"], "us/task",
+           note=f"one RPUSH per {COST_BATCH} tasks, as Producer.publish_many sends them")
+    per_task = served_with + us["push_batched"]
+    report("redis_cpu.tasks_per_core_s", 1e6 / per_task, "tasks/s",
+           note="one Redis core, serving with events and fed by publish_many")
+    report("redis_cpu.tasks_per_core_s_rpush_each", 1e6 / (served_with + push_one), "tasks/s",
+           note="one Redis core, serving with events and fed one RPUSH a task")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -191,7 +190,7 @@ def read_results(output_dir: Path) -> list[dict[str, Any]]:
         return []
     try:
         return list(store.export())
-    except sqlite3.OperationalError:  # created a moment ago, no tables yet
+    except DiskError:  # created a moment ago, no tables yet
         return []
     finally:
         store.close()
@@ -205,7 +204,7 @@ def count_records(output_dir: Path) -> int:
         return 0
     try:
         return store.counts()["total"]
-    except sqlite3.OperationalError:  # created a moment ago, no tables yet
+    except DiskError:  # created a moment ago, no tables yet
         return 0
     finally:
         store.close()
