@@ -1,24 +1,30 @@
-"""Container deployment: Dockerfile, compose.yaml, deploy/prometheus.yml, deploy/alerts.yml.
+"""Deployment: Dockerfile, compose.yaml, deploy/ (Prometheus, alerts, Grafana, Kubernetes).
 
 Docker cannot run here, so these are static checks: hadolint on the Dockerfile, the
 Compose specification's JSON schema on compose.yaml, the settings that matter for shared
-memory (IPC namespace, UID, /dev/shm size), and the alert rules parsed as PromQL. The
+memory (IPC namespace, UID, /dev/shm size), the alert rules and the Grafana dashboard's
+queries parsed as PromQL and checked against the metrics the service really exports,
+and the Kubernetes example against the Kubernetes schemas (kubernetes-validate). The
 tools are dev dependencies, found in the same bin directory as the running Python.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import promql_parser
 import pytest
 import yaml
@@ -31,19 +37,58 @@ ALERTS = ROOT / "deploy" / "alerts.yml"
 # Not resolved: a venv's python is a symlink, and its bin directory is the one we want.
 BIN = Path(sys.executable).parent
 
+GRAFANA = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "returner.json"
+GRAFANA_DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
+GRAFANA_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "returner.yml"
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+
 METRICS_PORT = 9108
-# The metric names the service exports (histograms add _bucket, _sum and _count).
-EXPORTED_METRICS = {
-    "returner_queue_length",
-    "returner_pending",
-    "returner_oldest_pending_seconds",
-    "returner_dead_letters",
-    "returner_tasks_total",
-    "returner_task_duration_seconds",
-    "returner_redis_short_waits_total",
-    "returner_worker_restarts_total",  # the supervisor's (run --workers)
-}
-HISTOGRAMS = {"returner_task_duration_seconds"}
+# Labels Prometheus attaches to every scraped series (the service never sets them).
+TARGET_LABELS = {"instance", "job"}
+
+
+@functools.cache
+def exported_series() -> dict[str, dict[str, frozenset[str]]]:
+    """Every sample name the service serves on /metrics, with its labels and their values.
+
+    Read from the service's own registries, as /metrics renders them: a worker's (with
+    returner_ready and returner_build_info, which the metrics server adds) and the
+    supervisor's under `run --workers N` (returner_workers, returner_worker_restarts).
+    Counters appear with _total, histograms with _bucket, _sum and _count.
+    """
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from returner.metrics import Health, Metrics, MetricsServer
+    from returner.settings import Settings
+    from returner.supervisor import Supervisor
+
+    worker = Metrics()
+    MetricsServer(worker.registry, Health(), "127.0.0.1", 0).httpd.server_close()
+    registries: list[CollectorRegistry] = [worker.registry]
+    with tempfile.TemporaryDirectory() as out:
+        settings = Settings(  # type: ignore[call-arg]
+            _env_file=None, REDIS_URL="redis://127.0.0.1:1/0", OUTPUT_DIR=out,
+            METRICS_PORT=0, WORKERS=2,
+        )  # fmt: skip
+        supervisor = Supervisor(settings, "redis://127.0.0.1:1/0", threading.Event())
+        try:
+            registries.append(supervisor.registry)
+            texts = [generate_latest(r).decode() for r in registries]
+        finally:
+            supervisor.close()
+    series: dict[str, dict[str, set[str]]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = series.setdefault(sample.name, {})
+                for label, value in sample.labels.items():
+                    labels.setdefault(label, set()).add(value)
+    return {
+        name: {label: frozenset(values) for label, values in labels.items()}
+        for name, labels in series.items()
+    }
 
 
 def tool(name: str) -> Path:
@@ -425,10 +470,27 @@ def test_alert_expressions_parse_as_promql() -> None:
 
 
 def exported(name: str) -> bool:
-    if name in EXPORTED_METRICS or name == "up":  # `up` is Prometheus's own, per target
-        return True
-    base, _, suffix = name.rpartition("_")
-    return base in HISTOGRAMS and suffix in ("bucket", "sum", "count")
+    # `up` is Prometheus's own, per target.
+    return name == "up" or name in exported_series()
+
+
+def test_exported_metrics_come_from_the_service_registries() -> None:
+    series = exported_series()
+    for name in (
+        "returner_tasks_total",  # counters: _total
+        "returner_task_duration_seconds_bucket",  # histograms: _bucket, _sum, _count
+        "returner_task_duration_seconds_sum",
+        "returner_queue_length",
+        "returner_ready",  # the metrics server's
+        "returner_build_info",
+        "returner_workers",  # the supervisor's
+        "returner_worker_restarts_total",
+    ):
+        assert name in series, name
+    outcomes = series["returner_tasks_total"]["outcome"]
+    assert {"completed", "duplicate", "failed", "dead_lettered"} <= outcomes
+    assert "le" in series["returner_stage_duration_seconds_bucket"]
+    assert not exported("returner_tasks"), "a counter is only exported with _total"
 
 
 def test_alerts_use_only_exported_metrics() -> None:
@@ -455,3 +517,575 @@ def test_alerts_cover_stuck_pending_dead_letters_and_backlog() -> None:
     assert re.search(r"returner_queue_length\s*>\s*1000\b", backlog["expr"])
     assert 'rate(returner_tasks_total{outcome="completed"}[5m])' in backlog["expr"]
     assert backlog["for"] == "10m"
+
+
+# ---------------------------------------------------------------- PromQL, beyond names
+
+RANGE_FUNCTIONS = {"rate", "irate", "increase"}
+COUNTER_SUFFIXES = ("_total", "_bucket", "_sum", "_count")
+
+
+def children(node: object) -> list[object]:
+    if isinstance(node, promql_parser.Call):
+        return list(node.args)
+    if isinstance(node, promql_parser.AggregateExpr):
+        return [node.expr] + ([node.param] if node.param is not None else [])
+    if isinstance(node, promql_parser.BinaryExpr):
+        return [node.lhs, node.rhs]
+    if isinstance(node, promql_parser.MatrixSelector):
+        return [node.vector_selector]
+    if isinstance(
+        node, (promql_parser.ParenExpr, promql_parser.UnaryExpr, promql_parser.SubqueryExpr)
+    ):
+        return [node.expr]
+    return []
+
+
+def selectors(node: object) -> Iterator[promql_parser.VectorSelector]:
+    if isinstance(node, promql_parser.VectorSelector):
+        yield node
+    for child in children(node):
+        yield from selectors(child)
+
+
+def unwrap(node: object) -> object:
+    while isinstance(node, promql_parser.ParenExpr):
+        node = node.expr
+    return node
+
+
+def counters_outside_a_rate(node: object, in_rate: bool = False) -> Iterator[str]:
+    """Counters (and histogram series) selected other than inside rate/irate/increase."""
+    if isinstance(node, promql_parser.VectorSelector):
+        name = node.name or ""
+        if name.startswith("returner_") and name.endswith(COUNTER_SUFFIXES) and not in_rate:
+            yield name
+        return
+    if isinstance(node, promql_parser.Call):
+        in_rate = node.func.name in RANGE_FUNCTIONS
+    elif not isinstance(node, promql_parser.MatrixSelector):
+        in_rate = False
+    for child in children(node):
+        yield from counters_outside_a_rate(child, in_rate)
+
+
+def quantile_problems(node: object) -> Iterator[str]:
+    """histogram_quantile over anything but `sum by (..., le)` of _bucket series."""
+    if isinstance(node, promql_parser.Call) and node.func.name == "histogram_quantile":
+        inner = unwrap(node.args[1])
+        names = {s.name for s in selectors(inner)}
+        by = inner.modifier if isinstance(inner, promql_parser.AggregateExpr) else None
+        if (
+            by is None
+            or str(inner.op) != "sum"
+            or by.type != promql_parser.AggModifierType.By
+            or "le" not in by.labels
+        ):
+            yield f"histogram_quantile needs sum by (..., le): {inner}"
+        if not names or not all(str(n).endswith("_bucket") for n in names):
+            yield f"histogram_quantile over {sorted(map(str, names))}, not _bucket series"
+    for child in children(node):
+        yield from quantile_problems(child)
+
+
+def label_problems(node: object) -> Iterator[str]:
+    """Matchers and `by` labels the selected series do not carry; values they never take."""
+    series = exported_series()
+    for selector in selectors(node):
+        labels = series.get(selector.name or "")
+        if labels is None:
+            continue  # an unknown name is reported by exported()
+        for matcher in selector.matchers.matchers:
+            if matcher.name in TARGET_LABELS:
+                continue
+            if matcher.name not in labels:
+                yield f"{selector.name} has no label {matcher.name!r}"
+            elif (
+                matcher.op == promql_parser.MatchOp.Equal
+                and matcher.value not in labels[matcher.name]
+            ):
+                yield f"{selector.name}{{{matcher.name}}} is never {matcher.value!r}"
+    yield from grouping_problems(node)
+
+
+def grouping_problems(node: object) -> Iterator[str]:
+    if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+        series = exported_series()
+        if node.modifier.type == promql_parser.AggModifierType.By:
+            for selector in selectors(node.expr):
+                carried = series.get(selector.name or "", {}).keys() | TARGET_LABELS
+                for label in node.modifier.labels:
+                    if label not in carried:
+                        yield f"by ({label}) over {selector.name}, which has no such label"
+    for child in children(node):
+        yield from grouping_problems(child)
+
+
+def promql_problems(expr: str) -> list[str]:
+    tree = promql_parser.parse(expr)
+    return [
+        *counters_outside_a_rate(tree),
+        *quantile_problems(tree),
+        *label_problems(tree),
+    ]
+
+
+def test_promql_checks_catch_what_they_should() -> None:
+    assert promql_problems("returner_tasks_total") == ["returner_tasks_total"]
+    assert promql_problems('sum(returner_dead_letters{kind="x"})')
+    assert promql_problems('rate(returner_tasks_total{outcome="done"}[1m])')
+    assert promql_problems("sum by (stage) (rate(returner_task_duration_seconds_sum[1m]))")
+    assert promql_problems(
+        "histogram_quantile(0.9, rate(returner_task_duration_seconds_bucket[1m]))"
+    )
+    assert promql_problems(
+        "histogram_quantile(0.9, sum by (stage) (rate(returner_stage_duration_seconds_bucket[1m])))"
+    )
+    assert not promql_problems(
+        "histogram_quantile(0.9, sum by (stage, le) "
+        '(rate(returner_stage_duration_seconds_bucket{instance=~"a", stage="load"}[1m])))'
+    )
+
+
+def test_alert_expressions_rate_counters_and_use_real_labels() -> None:
+    for rule in alert_rules():
+        assert not promql_problems(rule["expr"]), (rule["alert"], promql_problems(rule["expr"]))
+
+
+# ---------------------------------------------------------------- Grafana
+
+# Grafana's own variables, replaced as Grafana does before the query reaches Prometheus.
+# Dashboard variables ($instance) appear only inside label matchers' strings.
+GRAFANA_INTERVALS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+PANEL_TYPES = {"timeseries", "stat", "row"}
+
+
+def dashboard() -> dict[str, Any]:
+    doc = json.loads(DASHBOARD.read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def panels() -> list[dict[str, Any]]:
+    """Every panel, those inside collapsed rows too."""
+    found: list[dict[str, Any]] = []
+    for panel in dashboard()["panels"]:
+        found.append(panel)
+        found.extend(panel.get("panels", []))
+    return found
+
+
+def queries() -> list[tuple[str, str]]:
+    """(panel title, expr) of every target, Grafana's interval variables replaced."""
+    found = []
+    for panel in panels():
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in GRAFANA_INTERVALS.items():
+                expr = expr.replace(variable, value)
+            found.append((panel["title"], expr))
+    return found
+
+
+def grafana_datasource() -> dict[str, Any]:
+    doc = yaml.safe_load(GRAFANA_DATASOURCES.read_text())
+    assert doc["apiVersion"] == 1
+    sources = [s for s in doc["datasources"] if s["type"] == "prometheus"]
+    assert len(sources) == 1, doc
+    source = sources[0]
+    assert isinstance(source, dict)
+    return source
+
+
+def test_dashboard_is_a_grafana_dashboard() -> None:
+    board = dashboard()
+    assert board["uid"] == "returner" and board["title"]
+    assert isinstance(board["schemaVersion"], int) and board["schemaVersion"] >= 36
+    ids = [panel["id"] for panel in panels()]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    taken: set[tuple[int, int]] = set()
+    for panel in panels():
+        assert panel["type"] in PANEL_TYPES, panel["title"]
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        cells = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not cells & taken, f"{panel['title']} overlaps another panel"
+        taken |= cells
+        if panel["type"] != "row":
+            targets = panel["targets"]
+            assert targets, panel["title"]
+            refs = [target["refId"] for target in targets]
+            assert len(refs) == len(set(refs)), panel["title"]
+
+
+def test_dashboard_queries_parse_as_promql() -> None:
+    assert queries()
+    for title, expr in queries():
+        assert "$__" not in expr, f"{title}: unknown Grafana variable in {expr}"
+        try:
+            selected_metrics(expr)
+        except ValueError as exc:
+            pytest.fail(f"{title}: {exc}: {expr}")
+
+
+def test_dashboard_uses_only_exported_metrics() -> None:
+    used: set[str] = set()
+    for _, expr in queries():
+        used |= selected_metrics(expr)
+    for variable in dashboard()["templating"]["list"]:
+        query = variable.get("query")
+        query = query.get("query", "") if isinstance(query, dict) else str(query or "")
+        for text in (query, str(variable.get("definition", ""))):
+            used |= set(re.findall(r"label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", text))
+    unknown = sorted(name for name in used if not exported(name))
+    assert not unknown, f"not exported by the service: {unknown}"
+
+
+def test_dashboard_queries_rate_counters_and_use_real_labels() -> None:
+    for title, expr in queries():
+        problems = promql_problems(expr)
+        assert not problems, f"{title}: {problems}: {expr}"
+
+
+def test_dashboard_shows_what_operators_look_at() -> None:
+    used: set[str] = set()
+    for _, expr in queries():
+        used |= selected_metrics(expr)
+    for name in (
+        "returner_tasks_total",
+        "returner_task_duration_seconds_bucket",
+        "returner_queue_length",
+        "returner_pending",
+        "returner_oldest_pending_seconds",
+        "returner_dead_letters",
+        "returner_stage_duration_seconds_bucket",
+        "returner_stage_duration_seconds_sum",
+        "returner_stage_duration_seconds_count",
+        "returner_worker_restarts_total",
+        "returner_workers",
+        "returner_errors_total",
+        "returner_redis_reconnects_total",
+        "returner_redis_short_waits_total",
+        "returner_events_total",
+        "returner_ready",
+    ):
+        assert name in used, f"no panel shows {name}"
+    exprs = [expr for _, expr in queries()]
+    for q in ("0.5", "0.9", "0.99"):
+        assert any(
+            e.startswith(f"histogram_quantile({q}, sum by (le) ")
+            and "returner_task_duration_seconds_bucket" in e
+            for e in exprs
+        ), f"no p{q} of the task latency"
+    assert any("sum by (outcome) (rate(returner_tasks_total" in e for e in exprs)
+    assert any("sum by (kind) (rate(returner_errors_total" in e for e in exprs)
+
+
+def test_dashboard_datasource_is_the_provisioned_one() -> None:
+    uid = grafana_datasource()["uid"]
+    refs = [panel["datasource"] for panel in panels() if panel["type"] != "row"]
+    refs += [target["datasource"] for panel in panels() for target in panel.get("targets", [])]
+    refs += [v["datasource"] for v in dashboard()["templating"]["list"] if "datasource" in v]
+    assert refs
+    for ref in refs:
+        assert ref == {"type": "prometheus", "uid": uid}, ref
+
+
+def test_grafana_datasource_is_the_compose_prometheus() -> None:
+    source = grafana_datasource()
+    assert source["access"] == "proxy"  # Grafana's server asks, inside the compose network
+    assert source["url"] == "http://prometheus:9090"
+    assert "9090:9090" in [str(p) for p in service("prometheus")["ports"]]
+    # $__rate_interval is four times this: it must be the real scrape interval.
+    interval = prometheus_config()["global"]["scrape_interval"]
+    assert source["jsonData"]["timeInterval"] == interval
+
+
+def mounts(svc: dict[str, Any]) -> dict[str, str]:
+    """Container path -> host path of a service's bind mounts (short syntax)."""
+    found = {}
+    for volume in svc["volumes"]:
+        source, target = str(volume).split(":")[:2]
+        if source.startswith("./"):
+            found[target] = source
+    return found
+
+
+def test_compose_grafana_is_provisioned_from_deploy() -> None:
+    grafana = service("grafana")
+    assert re.fullmatch(r"grafana/grafana-oss:\d+\.\d+\.\d+", grafana["image"])
+    binds = mounts(grafana)
+    for source in binds.values():
+        assert (ROOT / source).exists(), source
+    datasources = binds["/etc/grafana/provisioning/datasources"]
+    assert ROOT / datasources / GRAFANA_DATASOURCES.name == GRAFANA_DATASOURCES
+    providers = binds["/etc/grafana/provisioning/dashboards"]
+    assert ROOT / providers / GRAFANA_PROVIDERS.name == GRAFANA_PROVIDERS
+    doc = yaml.safe_load(GRAFANA_PROVIDERS.read_text())
+    assert doc["apiVersion"] == 1
+    [provider] = doc["providers"]
+    assert provider["type"] == "file"
+    path = provider["options"]["path"]
+    assert ROOT / binds[path] / DASHBOARD.name == DASHBOARD, "the dashboard is not mounted there"
+    home = environment(grafana).get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home:
+        assert ROOT / binds[str(Path(home).parent)] / Path(home).name == DASHBOARD
+    assert grafana["depends_on"] == ["prometheus"] or "prometheus" in grafana["depends_on"]
+
+
+def test_compose_grafana_is_local_and_read_only_for_visitors() -> None:
+    grafana = service("grafana")
+    ports = [str(p) for p in grafana["ports"]]
+    assert ports and all(p.startswith("127.0.0.1:") for p in ports), ports
+    env = environment(grafana)
+    if env.get("GF_AUTH_ANONYMOUS_ENABLED") == "true":
+        assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    # The admin password is never written in the file.
+    password = env.get("GF_SECURITY_ADMIN_PASSWORD", "")
+    assert re.fullmatch(r"\$\{[A-Z_]+(:-[^}]*)?\}", password), password
+    assert env.get("GF_USERS_ALLOW_SIGN_UP") == "false"
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+# The Kubernetes versions whose schemas the manifests must satisfy: the oldest meant to
+# work and the newest kubernetes-validate ships.
+KUBERNETES_VERSIONS = ("1.30", kubernetes_validate.latest_version())
+# Custom resources: no schema in kubernetes-validate; checked by hand below.
+CUSTOM_API_GROUPS = ("monitoring.coreos.com/",)
+
+
+def kustomization() -> dict[str, Any]:
+    doc = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def k8s_documents() -> list[tuple[str, dict[str, Any]]]:
+    """(file name, resource) of every manifest in deploy/kubernetes/."""
+    found = []
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                found.append((path.name, doc))
+    assert found
+    return found
+
+
+def k8s_resource(kind: str) -> dict[str, Any]:
+    [resource] = [doc for _, doc in k8s_documents() if doc["kind"] == kind]
+    return resource
+
+
+def pod_spec() -> dict[str, Any]:
+    spec = k8s_resource("Deployment")["spec"]["template"]["spec"]
+    assert isinstance(spec, dict)
+    return spec
+
+
+def container(name: str) -> dict[str, Any]:
+    [found] = [c for c in pod_spec()["containers"] if c["name"] == name]
+    assert isinstance(found, dict)
+    return found
+
+
+def container_env(name: str) -> dict[str, dict[str, Any]]:
+    """name -> the env entry (with `value` or `valueFrom`), in order."""
+    return {item["name"]: item for item in container(name).get("env", [])}
+
+
+def env_value(name: str, variable: str) -> str:
+    return str(container_env(name)[variable]["value"])
+
+
+def test_kustomization_lists_the_manifests() -> None:
+    doc = kustomization()
+    assert doc["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+    assert doc["kind"] == "Kustomization"
+    listed = doc["resources"]
+    for name in listed:
+        assert (KUBERNETES / name).is_file(), name
+    text = (KUBERNETES / "kustomization.yaml").read_text()
+    for path in KUBERNETES.glob("*.yaml"):
+        if path.name == "kustomization.yaml":
+            continue
+        if path.name == "podmonitor.yaml":  # needs the Prometheus Operator's CRDs
+            assert path.name not in listed
+            assert re.search(r"#\s*- podmonitor\.yaml", text), "offer it, commented out"
+        else:
+            assert path.name in listed, f"{path.name} is not in kustomization.yaml"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_kubernetes_manifests_match_the_schemas(version: str) -> None:
+    checked = 0
+    for filename, doc in k8s_documents():
+        if doc["apiVersion"].startswith(CUSTOM_API_GROUPS):
+            continue
+        try:
+            # strict: unknown fields (a typo) are errors too.
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{filename}: {doc['kind']} {where}: {exc.message}")
+        checked += 1
+    assert checked >= 4
+
+
+def test_kubernetes_podmonitor_selects_the_returners_metrics_port() -> None:
+    monitor = k8s_resource("PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["name"]
+    spec = monitor["spec"]
+    known = {"selector", "podMetricsEndpoints", "jobLabel", "namespaceSelector",
+             "podTargetLabels", "sampleLimit", "targetLimit", "attachMetadata"}  # fmt: skip
+    assert set(spec) <= known, set(spec) - known
+    labels = k8s_resource("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    endpoint_keys = {"port", "path", "scheme", "interval", "scrapeTimeout", "relabelings",
+                     "metricRelabelings", "honorLabels", "honorTimestamps", "params"}  # fmt: skip
+    ports = {p["name"]: p["containerPort"] for p in container("returner")["ports"]}
+    [endpoint] = spec["podMetricsEndpoints"]
+    assert set(endpoint) <= endpoint_keys, set(endpoint) - endpoint_keys
+    assert ports[endpoint["port"]] == METRICS_PORT
+    assert endpoint.get("path", "/metrics") == "/metrics"
+    assert DURATION.fullmatch(endpoint["interval"])
+    # ReturnerDown (deploy/alerts.yml) looks for job="returner".
+    jobs = [r for r in endpoint.get("relabelings", []) if r.get("targetLabel") == "job"]
+    assert [r["replacement"] for r in jobs] == ["returner"]
+    assert any('up{job="returner"}' in rule["expr"] for rule in alert_rules())
+
+
+def test_kubernetes_service_has_the_scrape_annotations() -> None:
+    svc = k8s_resource("Service")
+    annotations = svc["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    labels = k8s_resource("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    [port] = svc["spec"]["ports"]
+    assert port["port"] == METRICS_PORT and port["targetPort"] == "metrics"
+    assert svc["spec"].get("clusterIP") == "None", "headless: every Pod is its own target"
+
+
+def test_kubernetes_pod_shares_a_bounded_memory_dev_shm() -> None:
+    spec = pod_spec()
+    assert [c["name"] for c in spec["containers"]] == ["renderer", "returner"]
+    shm = [v for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+    assert len(shm) == 1, shm
+    assert shm[0]["emptyDir"]["sizeLimit"], "a memory-backed emptyDir needs a sizeLimit"
+    for name in ("renderer", "returner"):
+        mounted = {m["mountPath"]: m["name"] for m in container(name)["volumeMounts"]}
+        assert mounted.get("/dev/shm") == shm[0]["name"], name
+    for host_namespace in ("hostIPC", "hostPID", "hostNetwork"):
+        assert not spec.get(host_namespace), host_namespace
+
+
+def test_kubernetes_containers_run_as_one_unprivileged_user() -> None:
+    spec = pod_spec()
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True
+    assert pod["runAsUser"] > 0 and pod["runAsGroup"] > 0
+    assert pod["fsGroup"] == pod["runAsGroup"]
+    # Always (the default) would make OUTPUT_DIR and the store group-writable at each
+    # mount, and the returner refuses to start on those.
+    assert pod["fsGroupChangePolicy"] == "OnRootMismatch"
+    # The image's default user is the same (Dockerfile ARG UID/GID).
+    args = dict(rest.split("=", 1) for kw, rest in final_stage() if kw == "ARG")
+    assert (str(pod["runAsUser"]), str(pod["runAsGroup"])) == (args["UID"], args["GID"])
+    for c in spec["containers"]:
+        context = c["securityContext"]
+        for key in ("runAsUser", "runAsGroup"):
+            assert context.get(key, pod[key]) == pod[key], f"{c['name']}: {key}"
+        assert context["allowPrivilegeEscalation"] is False, c["name"]
+        assert context["capabilities"]["drop"] == ["ALL"], c["name"]
+        assert not context.get("capabilities", {}).get("add"), c["name"]
+        assert not context.get("privileged"), c["name"]
+    assert container("returner")["securityContext"]["readOnlyRootFilesystem"] is True
+    assert spec["enableServiceLinks"] is False  # no METRICS_PORT=tcp://... from a Service
+
+
+def test_kubernetes_returner_probes_and_metrics() -> None:
+    returner = container("returner")
+    assert env_value("returner", "METRICS_HOST") == "0.0.0.0"
+    assert env_value("returner", "METRICS_PORT") == str(METRICS_PORT)
+    ports = {p["name"]: p["containerPort"] for p in returner["ports"]}
+    assert ports["metrics"] == METRICS_PORT
+
+    def probe(kind: str) -> str:
+        get = returner[kind]["httpGet"]
+        assert get["port"] in ("metrics", METRICS_PORT), kind
+        return str(get["path"])
+
+    assert probe("livenessProbe") == "/healthz"
+    assert probe("readinessProbe") == "/readyz"
+    if "startupProbe" in returner:
+        assert probe("startupProbe") == "/healthz"
+    # The returner exits within 10 s of SIGTERM; leave room beyond that.
+    assert pod_spec()["terminationGracePeriodSeconds"] >= 15
+
+
+def test_kubernetes_queue_is_per_pod_and_shared_with_the_renderer() -> None:
+    queue = env_value("returner", "HOSTING_TASKS_QUEUE")
+    assert "{hostname}" in queue
+    renderer = container_env("renderer")
+    names = list(renderer)
+    # $(POD_NAME) expands only if POD_NAME is defined earlier in the list.
+    assert names.index("POD_NAME") < names.index("HOSTING_TASKS_QUEUE")
+    assert renderer["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert renderer["HOSTING_TASKS_QUEUE"]["value"] == queue.replace("{hostname}", "$(POD_NAME)")
+
+
+def test_kubernetes_returner_settings_are_real_and_valid() -> None:
+    from returner.settings import Settings
+
+    aliases = {f.alias for f in Settings.model_fields.values() if f.alias}
+    env = container_env("returner")
+    unknown = sorted(set(env) - aliases)
+    assert not unknown, f"not settings of the returner: {unknown}"
+    secret = k8s_resource("Secret")
+    values = {}
+    for name, item in env.items():
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            assert ref["name"] == secret["metadata"]["name"], name
+            values[name] = secret["stringData"][ref["key"]]
+        else:
+            values[name] = item["value"]
+    settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    assert settings.metrics_host == "0.0.0.0"
+    # Both containers get Redis from the same Secret key.
+    assert container_env("renderer")["REDIS_URL"] == env["REDIS_URL"]
+
+
+def test_kubernetes_output_dir_is_on_the_claim() -> None:
+    spec = pod_spec()
+    claim = k8s_resource("PersistentVolumeClaim")
+    [volume] = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    [mount] = [m for m in container("returner")["volumeMounts"] if m["name"] == volume["name"]]
+    output = Path(env_value("returner", "OUTPUT_DIR"))
+    # A directory the returner creates inside the volume: the volume's root is
+    # group-writable (fsGroup), which the returner refuses for OUTPUT_DIR itself.
+    assert output.parent == Path(mount["mountPath"]), (output, mount)
+    assert not mount.get("readOnly")
+    deployment = k8s_resource("Deployment")["spec"]
+    if "ReadWriteOnce" in claim["spec"]["accessModes"]:
+        assert deployment["replicas"] == 1
+        assert deployment["strategy"]["type"] == "Recreate"
+
+
+def test_kubernetes_renderer_is_marked_as_a_placeholder() -> None:
+    text = (KUBERNETES / "deployment.yaml").read_text()
+    renderer = container("renderer")
+    for line in text.splitlines():
+        if renderer["image"] in line:
+            assert "REPLACE" in line, line
+    assert renderer["image"] != container("returner")["image"]
