@@ -317,8 +317,8 @@ def _settle_all(stream: Any, ack_only: Any) -> None:
 
     while entries := stream.fetch(COST_BATCH):
         if ack_only is None:
-            stream.settle([Settlement(e, "completed", "completed", "bench", e.id,
-                                      f"/out/{e.id}.jpg") for e in entries])
+            stream.settle([Settlement(e, "completed", "bench", e.id, f"/out/{e.id}.jpg")
+                           for e in entries])
         else:
             ack_only(keys=[stream.keys.stream], args=[stream.group, *[e.id for e in entries]],
                      client=stream.client)

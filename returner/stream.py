@@ -170,11 +170,14 @@ def _entry(raw: Sequence[Any], deliveries: int | None = None) -> Entry:
 
 @dataclass(frozen=True)
 class Settlement:
-    """How one delivery settles: acked, or dead-lettered (`dead`), with its event."""
+    """How one delivery settles: acked, or dead-lettered when it failed, with its event.
+
+    The event's status (the record's) follows from the outcome: `completed` for
+    completed and duplicate, `failed` for failed and dead_lettered.
+    """
 
     entry: Entry
     outcome: str  # completed, duplicate, failed or dead_lettered
-    status: str  # the record's: completed or failed
     request_id: str | None = None
     image_id: str | None = None
     file_path: str | None = None
@@ -184,21 +187,15 @@ class Settlement:
     def dead(self) -> bool:
         return self.outcome in ("failed", "dead_lettered")
 
-    def args(self, timestamp: str, settling: Settling) -> list[Any]:
-        """The 11 values settle.lua takes for this entry."""
-        entry = self.entry
+    def args(self) -> list[str]:
+        """The 6 values settle.lua takes for this entry's ack and event."""
         return [
-            entry.id,
-            "1" if self.dead else "0",
+            self.entry.id,
             encodable(self.request_id or ""),
             encodable(self.image_id or ""),
-            self.status,
             self.outcome,
             encodable(self.file_path or ""),
             encodable(self.error or ""),
-            timestamp,
-            entry.deliveries,
-            settling.dead_task(entry.task) if self.dead else b"",
         ]
 
 
@@ -438,7 +435,6 @@ class Stream:
         only deleted). Raises RedisUnavailable."""
         if not settlements:
             return 0
-        stamp = datetime.now(UTC).isoformat(timespec="microseconds")
         limits = self.settling
         args: list[Any] = [
             self.group,
@@ -446,9 +442,14 @@ class Stream:
             limits.events_maxlen,
             "1" if limits.publish_events else "0",
             limits.dead_letters_maxlen,
+            datetime.now(UTC).isoformat(timespec="microseconds"),
+            len(settlements),
         ]
         for settlement in settlements:
-            args += settlement.args(stamp, limits)
+            args += settlement.args()
+        for settlement in settlements:
+            if settlement.dead:
+                args += [settlement.entry.deliveries, limits.dead_task(settlement.entry.task)]
         keys = [self.keys.stream, self.keys.dead, self.keys.events]
         return int(self._run("settling", _SETTLE, keys, args, wait=True) or 0)
 

@@ -62,13 +62,12 @@ class Tally:
 
 
 def settlement(decision: Decision) -> Settlement:
-    """How a decision settles in Redis: its outcome, its record's status, its event."""
+    """How a decision settles in Redis: its outcome and its event."""
     outcome, kind = decision.outcome, decision.kind
     ok = kind in (Kind.COMPLETED, Kind.DUPLICATE)
     return Settlement(
         outcome.entry,
         kind.value,
-        "completed" if ok else "failed",
         outcome.request_id,
         outcome.image_id,
         str(decision.file_path) if decision.file_path else None,

@@ -212,13 +212,13 @@ def count_records(output_dir: Path) -> int:
 
 def acked(*entries: Entry) -> list[Settlement]:
     """Settlements that ack these entries as completed (with empty ids in their events)."""
-    return [Settlement(entry, "completed", "completed") for entry in entries]
+    return [Settlement(entry, "completed") for entry in entries]
 
 
 def dead_lettered(entry: Entry, error: str, request_id: str | None = None,
          image_id: str | None = None) -> list[Settlement]:
     """The settlement that dead-letters one failed entry."""
-    return [Settlement(entry, "failed", "failed", request_id, image_id, None, error)]
+    return [Settlement(entry, "failed", request_id, image_id, None, error)]
 
 
 # What a clean shutdown leaves besides JPEGs, the view and archives: the store, the

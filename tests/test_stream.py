@@ -247,8 +247,8 @@ def test_each_settled_entry_gets_one_event_with_the_contracts_fields(
     stream = make(r, queue)
     r.rpush(queue, b"good", b"bad")
     good, bad = stream.fetch(2)
-    done = Settlement(good, "duplicate", "completed", "req", "img-1", "/out/img-1.jpg")
-    failed = Settlement(bad, "failed", "failed", "req", "img-2", None, "no segment")
+    done = Settlement(good, "duplicate", "req", "img-1", "/out/img-1.jpg")
+    failed = Settlement(bad, "failed", "req", "img-2", None, "no segment")
 
     assert stream.settle([done, failed]) == 2
 
@@ -306,7 +306,7 @@ def test_events_are_published_upstream_style_when_asked(r: redis.Redis, queue: s
     wait_for(lambda: listener.get_message(timeout=0.1), what="the subscription")
     r.rpush(queue, b"a", b"b")
     a, b = stream.fetch(2)
-    stream.settle([Settlement(a, "completed", "completed", "req-7", "img", "/o/img.jpg")])
+    stream.settle([Settlement(a, "completed", "req-7", "img", "/o/img.jpg")])
     stream.settle(dead_lettered(b, "bad shape", "req-7", "img-b"))
 
     messages = [wait_for(lambda: listener.get_message(timeout=0.1), what="an event")
