@@ -244,6 +244,7 @@ class Service:
         self.log = self.cwd / f"service-{queue.replace(':', '_')}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
+        self.usage: Any = None  # its rusage, once stopped
 
     def start(self) -> Service:
         with open(self.log, "ab") as sink:
@@ -294,8 +295,9 @@ class Service:
         return self.log.read_text(errors="replace")[-3000:]
 
     def stop(self, timeout_s: float = 30.0) -> Any:
-        """SIGTERM; fails unless it exits 0 in time. Its rusage (ru_oublock counts what
-        it wrote up to its exit, in 512-byte units, from the same counters as io())."""
+        """SIGTERM; fails unless it exits 0 in time. Its rusage, kept as `usage` too
+        (its own and its reaped children's; ru_oublock counts what it wrote up to its
+        exit, in 512-byte units, from the same counters as io())."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
@@ -309,6 +311,7 @@ class Service:
                 raise AssertionError(f"no exit {timeout_s}s after SIGTERM: {self.log_tail()}")
             time.sleep(0.01)
         self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.usage = usage
         assert self.proc.returncode == 0, self.log_tail()
         return usage
 
@@ -330,24 +333,38 @@ def service(url: str, queue: str, output_dir: Path, **settings: str) -> Iterator
     running.stop()
 
 
-def service_rate(client: redis.Redis, url: str, tmp: Path, frame: np.ndarray, count: int,
-                 earlier: int = 0, **settings: str) -> float:
-    """Push `count` frames, then run the service over them: its frames/s (no start-up)."""
+class ServiceRun(NamedTuple):
+    rate: float  # frames/s between the first and the last commit
+    cpu_ms: float  # the service's CPU (user + system, start-up included) per frame
+
+
+def service_run(client: redis.Redis, url: str, tmp: Path, frame: np.ndarray, count: int,
+                earlier: int = 0, **settings: str) -> ServiceRun:
+    """Push `count` frames, then run the service over them: its frames/s (no start-up)
+    and its CPU per frame (from its rusage: less disturbed than the rate when the
+    machine is shared, and the same start-up in every case)."""
     queue = f"bench:{uuid.uuid4().hex[:8]}"
     out = tmp / queue.replace(":", "_")
     history(out, earlier)
     names = push_frames(client, queue, frame, count)
     try:
-        with service(url, queue, out, **settings):
+        with service(url, queue, out, **settings) as running:
             wait_for(lambda: drained(client, queue), timeout=300, interval=0.05,
                      what="every frame")
         times = completion_times(out)
         assert len(times) == count, "some frames were not completed"
-        return rate(times)
+        cpu_s = running.usage.ru_utime + running.usage.ru_stime
+        return ServiceRun(rate(times), cpu_s / count * 1000)
     finally:
         release(names)
         if earlier >= CACHE_FROM:  # gigabytes: not left for the end of the session
             (out / STORE).unlink()
+
+
+def service_rate(client: redis.Redis, url: str, tmp: Path, frame: np.ndarray, count: int,
+                 earlier: int = 0, **settings: str) -> float:
+    """The service's frames/s over `count` frames pushed before it starts (no start-up)."""
+    return service_run(client, url, tmp, frame, count, earlier, **settings).rate
 
 
 @contextlib.contextmanager

@@ -13,8 +13,9 @@ The service runs with 0, 20,000 and 10,000,000 earlier records in its store
 taken between the first and the last commit time of the run's records in the store,
 so process start-up is not counted. The seed's design runs on a results.json of 0 and
 20,000 entries (it reads and rewrites the whole file for every frame; at 10M entries
-it would not finish). The ceiling is measured first and last, and the ratios use the
-mean of the two. Run: make bench (or pytest benchmarks -k throughput).
+it would not finish). The ceiling and the durable floor are measured first and last
+(the machine drifts, and may be shared), and the ratios use the mean of the two. Run:
+make bench (or pytest benchmarks -k throughput).
 """
 
 from __future__ import annotations
@@ -63,38 +64,49 @@ def original_rate(client: redis.Redis, tmp: Path, frame, earlier: int) -> float:
         harness.release(names)
 
 
+def durable_floor(frame, directory: Path) -> harness.Measured:  # type: ignore[no-untyped-def]
+    directory.mkdir()
+    return harness.stripped_loop(frame, STRIPPED_FRAMES, directory)
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("pages", ["4k", "huge"])
 def test_throughput(pages: str, benchmark, bench_redis, page_frame, tmp_path: Path,  # type: ignore[no-untyped-def]
                     report) -> None:
     client, url = bench_redis
     rates: dict[str, float] = {}
+    cpu: dict[int, float] = {}
     loops: dict[str, harness.Measured] = {}
 
     def run() -> None:
         loops["ceiling first"] = ceiling_measured(page_frame)
         loops["shm floor"] = harness.stripped_loop(page_frame, STRIPPED_FRAMES)
-        durable = tmp_path / f"durable-{pages}"
-        durable.mkdir()
-        loops["durable floor"] = harness.stripped_loop(page_frame, STRIPPED_FRAMES, durable)
+        loops["durable floor first"] = durable_floor(page_frame, tmp_path / "durable-first")
         for earlier in HISTORIES:
-            rates[f"service {earlier}"] = harness.service_rate(
-                client, url, tmp_path, page_frame, SERVICE_FRAMES, earlier)
+            ours = harness.service_run(client, url, tmp_path, page_frame, SERVICE_FRAMES,
+                                       earlier)
+            rates[f"service {earlier}"], cpu[earlier] = ours
             if earlier in ORIGINAL_FRAMES:
                 rates[f"original {earlier}"] = original_rate(client, tmp_path, page_frame,
                                                              earlier)
+        loops["durable floor last"] = durable_floor(page_frame, tmp_path / "durable-last")
         loops["ceiling last"] = ceiling_measured(page_frame)
 
     with harness.shm_pages(pages):
         benchmark.pedantic(run, rounds=1, iterations=1)
-    # The machine drifts during a run: the ratios use the ceiling measured before and after.
+    # The machine drifts during a run: the ratios use the ceiling and the durable floor
+    # measured before and after the services.
     first, last = loops["ceiling first"], loops["ceiling last"]
     top = (first.rate + last.rate) / 2
     report(f"ceiling [{pages} pages]", top, "frames/s", first=first.rate, last=last.rate)
     report(f"ceiling cpu [{pages} pages]", (first.cpu_ms + last.cpu_ms) / 2, "ms/frame")
+    first, last = loops["durable floor first"], loops["durable floor last"]
+    loops["durable floor"] = harness.Measured((first.rate + last.rate) / 2,
+                                              (first.cpu_ms + last.cpu_ms) / 2)
     for name in ("shm floor", "durable floor"):
         loop = loops[name]
-        report(f"{name} [{pages} pages]", loop.rate, "frames/s")
+        extra = {"first": first.rate, "last": last.rate} if name == "durable floor" else {}
+        report(f"{name} [{pages} pages]", loop.rate, "frames/s", **extra)
         report(f"{name}/ceiling [{pages} pages]", loop.rate / top, "x")
         report(f"{name} cpu [{pages} pages]", loop.cpu_ms, "ms/frame")
     # What the durable loop would reach with its disk waits overlapped and both cores
@@ -107,12 +119,16 @@ def test_throughput(pages: str, benchmark, bench_redis, page_frame, tmp_path: Pa
     for earlier in HISTORIES:
         ours = rates[f"service {earlier}"]
         report(f"service [{pages} pages, {earlier} earlier]", ours, "frames/s")
+        report(f"service cpu [{pages} pages, {earlier} earlier]", cpu[earlier], "ms/frame",
+               note="the service's user+system CPU, start-up included")
         report(f"service/ceiling [{pages} pages, {earlier} earlier]", ours / top, "x")
         report(f"service/durable floor [{pages} pages, {earlier} earlier]", ours / floor, "x")
         report(f"service/durable cpu bound [{pages} pages, {earlier} earlier]", ours / bound, "x")
         if earlier:
             report(f"service {earlier}/service 0 [{pages} pages]",
                    ours / rates["service 0"], "x")
+            report(f"service cpu {earlier}/service cpu 0 [{pages} pages]",
+                   cpu[earlier] / cpu[0], "x")
         theirs = rates.get(f"original {earlier}")
         if theirs:
             report(f"original [{pages} pages, {earlier} earlier]", theirs, "frames/s")
