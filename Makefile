@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench fuzz clean
+.PHONY: run test lint docs bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,18 @@ run: $(STAMP)
 	$(BIN)/returner run --demo 12
 
 ## test: lint, type-check, then the whole suite against a real redis-server
+## (tests/test_docs.py builds the docs strictly and checks the CLI reference)
 test: $(STAMP) lint
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check returner tests benchmarks
+	$(BIN)/ruff check returner tests benchmarks docs
 	$(BIN)/ruff format --check returner
 	$(BIN)/mypy
+
+## docs: the documentation site, built strictly into build/site/ (`$(BIN)/mkdocs serve` to browse)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 ## bench: the benchmark suite (figures in benchmarks/results.jsonl); see benchmarks/README.md
 bench: $(STAMP)
