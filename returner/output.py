@@ -57,9 +57,12 @@ _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 STEM_MAX = 255 - 16 - 7 - 4
 # 9999-12-31T23:59:59.999Z: a stream entry ID past this still gets a file name.
 MAX_MILLIS = 253_402_300_799_999
-VIEW_EVERY_S = 1.0  # results.json trails the store by at most this much
+# results.json is written at most once per VIEW_EVERY_S, on a tick of the upkeep thread:
+# a commit shows in it within VIEW_EVERY_S + TICK_S (1 s). Each version reaches the disk
+# (ext4 writes a file renamed over another back at once), so this bounds its cost.
+VIEW_EVERY_S, TICK_S = 0.8, 0.2
 SWEEP_EVERY_S = 5.0  # look for writers that died with moves to finish
-PRUNE_PAUSE_S, PRUNE_IDLE_S = 0.2, 60.0  # between retention steps; once caught up
+PRUNE_IDLE_S = 60.0  # between looks for old records once retention has caught up
 LOCK_WAIT_S = 5.0  # the view's lock, at start and stop
 
 
@@ -480,12 +483,12 @@ class Results:
             log.info("finished the work of a writer that died (%s)", writer)
 
     def _maintain(self) -> None:
-        """The view at most VIEW_EVERY_S behind, retention in small steps, sweeps."""
+        """The view at most a second behind, retention in small steps, sweeps."""
         conn = sqlite3.connect(self.store.path, timeout=10.0, isolation_level=None)
         conn.execute("PRAGMA synchronous = FULL")
-        due = {"prune": 0.0, "sweep": time.monotonic() + SWEEP_EVERY_S}
+        due = {"view": 0.0, "prune": 0.0, "sweep": time.monotonic() + SWEEP_EVERY_S}
         try:
-            while not self._stop.wait(VIEW_EVERY_S if self._dirty else PRUNE_PAUSE_S):
+            while not self._stop.wait(TICK_S):
                 try:
                     self._maintain_once(conn, due)
                 except (DiskError, OSError, sqlite3.Error) as exc:
@@ -494,15 +497,17 @@ class Results:
             conn.close()
 
     def _maintain_once(self, conn: sqlite3.Connection, due: dict[str, float]) -> None:
-        if self._dirty:
+        if self._dirty and time.monotonic() >= due["view"]:
             self._dirty = False
-            if not self.view.write(self.store, conn):
+            if self.view.write(self.store, conn):
+                due["view"] = time.monotonic() + VIEW_EVERY_S
+            else:
                 self._dirty = True  # another process is writing it: try again
         now = time.monotonic()
         if self.retention_days and now >= due["prune"]:
             before = (datetime.now(UTC) - timedelta(days=self.retention_days)).isoformat()
             deleted = self.store.prune(before, conn)
-            due["prune"] = now + (PRUNE_PAUSE_S if deleted else PRUNE_IDLE_S)
+            due["prune"] = now + (TICK_S if deleted else PRUNE_IDLE_S)
             if deleted:
                 log.info("retention: deleted %d records older than %s", deleted, before)
         if now >= due["sweep"]:

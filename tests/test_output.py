@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -18,7 +19,7 @@ from returner import output
 from returner.errors import DiskError
 from returner.output import TEMPS, Results, file_name, safe_stem
 from returner.task import Entry, Kind, Outcome
-from tests.conftest import read_results
+from tests.conftest import read_results, wait_for
 
 MILLIS = 1_732_000_000_000  # 2024-11-19 07:06:40 UTC
 STAMP = "20241119_070640"
@@ -259,3 +260,24 @@ def test_output_dir_swapped_for_a_link_while_running_redirects_nothing(tmp_path:
     assert (moved / f"i_{STAMP}.jpg").read_bytes() == b"r/i"
     assert (moved / "results.json").exists()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_the_view_is_written_at_most_about_once_a_second(tmp_path: Path) -> None:
+    """Each version of results.json reaches the disk: under a steady trickle of commits
+    it is replaced on a schedule, not after every commit."""
+    results = Results(tmp_path / "out")
+    results.open()
+    view = results.out.path / "results.json"
+    versions: set[tuple[int, int]] = set()
+    started = time.monotonic()
+    try:
+        for i in range(30):  # a commit every 0.1 s for 3 s: a paced producer
+            results.commit([completed(results, f"r{i}", "i", millis=MILLIS + i)])
+            st = view.stat()
+            versions.add((st.st_ino, st.st_mtime_ns))
+            time.sleep(0.1)
+        wait_for(lambda: len(json.loads(view.read_bytes())) == 30, what="the last commit")
+    finally:
+        results.close()
+    elapsed = time.monotonic() - started
+    assert len(versions) <= elapsed / output.VIEW_EVERY_S + 2, (len(versions), elapsed)
