@@ -578,7 +578,7 @@ def results_export(
 ) -> None:
     """Write records to standard output, oldest first, streaming (constant memory).
 
-    Example: returner results export --since 2026-11-30 --status failed --format jsonl
+    Example: returner results export --since 2026-11-30 --format jsonl
     """
     if fmt not in ("json", "jsonl"):
         raise fail(f"--format: json or jsonl (got {fmt!r})")

@@ -9,8 +9,8 @@ import simplejpeg
 from returner.errors import BadFrame
 from returner.frames import Frame
 
-# simplejpeg reads every one of these layouts natively, so no channel swap or copy
-# is ever made; the alpha channel of RGBA/BGRA is ignored by the encoder.
+# simplejpeg reads every one of these layouts natively, so a frame is never copied to
+# swap or drop channels; the alpha channel of RGBA/BGRA is ignored by the encoder.
 _COLORSPACE = {"RGB": "RGB", "BGR": "BGR", "RGBA": "RGBA", "BGRA": "BGRA", "GRAY": "GRAY"}
 
 

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 OUTCOMES = (Kind.COMPLETED, Kind.DUPLICATE, Kind.FAILED, Kind.DEAD_LETTERED)
 STAGES = ("load", "encode", "write", "commit", "ack")
-# missing_segment: a task failed because its segment did not exist (see the README).
+# missing_segment: a task failed because its segment did not exist, usually a renderer
+# whose resource tracker unlinked it (docs/getting-started.md, writing a renderer).
 ERROR_KINDS = ("redis", "disk", "task", "missing_segment")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _STAGE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)

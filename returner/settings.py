@@ -30,7 +30,7 @@ _CASED = ("log_level", "jpeg_subsampling", "channel_order", "log_format", "outpu
 
 
 class Settings(BaseSettings):
-    """Every setting of the service; see the README's settings table."""
+    """Every setting of the service; see docs/reference/settings.md."""
 
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True

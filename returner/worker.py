@@ -1,7 +1,8 @@
 """The loop: take a batch, process it on the encoder threads, settle the outcomes.
 
 Processing produces an Outcome and never touches Redis; settling makes outcomes
-durable (results.json), releases segments, then acks or dead-letters in Redis.
+durable (the results store), releases segments, then acks or dead-letters them in Redis,
+each with its event.
 """
 
 from __future__ import annotations
