@@ -12,7 +12,7 @@
 -- then 2 values per failed or dead_lettered entry, in the same order: its delivery
 -- count and its task (the original bytes, or their first KiB)
 -- Returns: the number of entries this call settled (= events emitted)
-local settled, ts, dead = 0, ARGV[6], 8 + 6 * tonumber(ARGV[7])
+local settled, ts, dead, ids = 0, ARGV[6], 8 + 6 * tonumber(ARGV[7]), {}
 for i = 8, dead - 1, 6 do
   local id, rid, iid, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local path, err = ARGV[i + 4], ARGV[i + 5]
@@ -39,6 +39,9 @@ for i = 8, dead - 1, 6 do
   if failed then
     dead = dead + 2
   end
-  redis.call('XDEL', KEYS[1], id)
+  ids[#ids + 1] = id
+end
+if #ids > 0 then
+  redis.call('XDEL', KEYS[1], unpack(ids))
 end
 return settled
