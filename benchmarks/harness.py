@@ -29,7 +29,6 @@ import redis
 
 from returner import frames
 from returner.encode import JpegOptions, encode
-from returner.errors import DiskError
 from returner.output import write_file
 from returner.producer import put_segment, task_message
 from returner.results import STORE, Store
@@ -151,21 +150,6 @@ def stored(output_dir: Path, request_id: str) -> list[dict[str, Any]]:
     store = Store(output_dir, create=False)
     try:
         return store.get(request_id)
-    finally:
-        store.close()
-
-
-def recorded(output_dir: Path) -> int:
-    """How many records the store of `output_dir` holds (0 before the service has
-    created it)."""
-    try:
-        store = Store(output_dir, create=False)
-    except DiskError:
-        return 0
-    try:
-        return store.counts()["total"]
-    except sqlite3.OperationalError:  # no table yet: the service is creating it
-        return 0
     finally:
         store.close()
 

@@ -44,6 +44,7 @@ from benchmarks.conftest import Frame, report
 from returner.output import Results
 from returner.settings import Settings
 from returner.task import Entry, Kind, Outcome
+from tests.conftest import count_records
 
 pytestmark = pytest.mark.bench
 
@@ -118,7 +119,7 @@ class Case:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("batch", list(ROUNDS))
 def test_commit(benchmark: Any, stores: dict[str, Path], page_jpeg: bytes, batch: int) -> None:
-    before = {name: harness.recorded(directory) for name, directory in stores.items()}
+    before = {name: count_records(directory) for name, directory in stores.items()}
     cases: dict[str, Case] = {}
     opens: dict[str, float] = {}
 
@@ -141,7 +142,7 @@ def test_commit(benchmark: Any, stores: dict[str, Path], page_jpeg: bytes, batch
             case.results.close()
     # Every batch is recorded, and the last one's JPEGs are under their final names.
     for name, case in cases.items():
-        assert harness.recorded(stores[name]) == before[name] + case.count
+        assert count_records(stores[name]) == before[name] + case.count
         for image_id in case.last:
             assert list(stores[name].glob(f"{image_id}_*.jpg")), image_id
 

@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 
 from benchmarks.conftest import Frame, RedisServer, Segments, private_redis, report, wait_until
-from benchmarks.harness import recorded
+from tests.conftest import count_records
 
 pytestmark = pytest.mark.bench
 
@@ -277,7 +277,7 @@ def test_redis_cpu_per_task(benchmark: Any, tmp_path: Path, segments: Segments) 
             nonlocal proc
             got["start"] = time.perf_counter()
             proc = _start_service(server, queue, tmp_path, log)
-            wait_until(lambda: recorded(out) >= SMALL_TASKS or proc.poll() is not None, 300,
+            wait_until(lambda: count_records(out) >= SMALL_TASKS or proc.poll() is not None, 300,
                        "every task to be recorded", 0.05)
             got["served"] = _redis_cpu(client)
             got["seconds"] = time.perf_counter() - got["start"]

@@ -3,11 +3,14 @@ a fresh queue name per test so tests never see each other's keys."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +26,7 @@ import redis
 from returner import frames as shm
 from returner.embedded import EmbeddedRedis, redis_server_binary
 from returner.errors import DiskError
+from returner.output import Results
 from returner.producer import put_segment, task_message
 from returner.results import Store
 from returner.settings import Settings
@@ -219,6 +223,52 @@ def dead_lettered(entry: Entry, error: str, request_id: str | None = None,
          image_id: str | None = None) -> list[Settlement]:
     """The settlement that dead-letters one failed entry."""
     return [Settlement(entry, "failed", request_id, image_id, None, error)]
+
+
+@contextlib.contextmanager
+def opened(directory: Path, **options: Any) -> Iterator[Results]:
+    """`Results` of `directory`, opened, and closed on leaving."""
+    results = Results(directory, **options)
+    results.open()
+    try:
+        yield results
+    finally:
+        results.close()
+
+
+@pytest.fixture
+def seoul_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time 9 hours ahead of UTC, so local and UTC days differ around midnight."""
+    monkeypatch.setenv("TZ", "Asia/Seoul")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def served_metrics() -> list[str]:
+    """What /metrics serves, as text: a worker's registry (with returner_ready and
+    returner_build_info, which the metrics server adds), and the supervisor's under
+    `run --workers N` (returner_workers, returner_worker_restarts)."""
+    from prometheus_client import generate_latest
+
+    from returner.metrics import Health, Metrics, MetricsServer
+    from returner.supervisor import Supervisor
+
+    worker = Metrics()
+    MetricsServer(worker.registry, Health(), "127.0.0.1", 0).httpd.server_close()
+    texts = [generate_latest(worker.registry).decode()]
+    with tempfile.TemporaryDirectory() as out:
+        settings = Settings(  # type: ignore[call-arg]
+            _env_file=None, REDIS_URL="redis://127.0.0.1:1/0", OUTPUT_DIR=out,
+            METRICS_PORT=0, WORKERS=2,
+        )  # fmt: skip
+        supervisor = Supervisor(settings, "redis://127.0.0.1:1/0", threading.Event())
+        try:
+            texts.append(generate_latest(supervisor.registry).decode())
+        finally:
+            supervisor.close()
+    return texts
 
 
 # What a clean shutdown leaves besides JPEGs, the view and archives: the store, the

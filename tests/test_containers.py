@@ -17,7 +17,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +27,8 @@ import kubernetes_validate
 import promql_parser
 import pytest
 import yaml
+
+from tests.conftest import served_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -57,27 +58,9 @@ def exported_series() -> dict[str, dict[str, frozenset[str]]]:
     supervisor's under `run --workers N` (returner_workers, returner_worker_restarts).
     Counters appear with _total, histograms with _bucket, _sum and _count.
     """
-    from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from returner.metrics import Health, Metrics, MetricsServer
-    from returner.settings import Settings
-    from returner.supervisor import Supervisor
-
-    worker = Metrics()
-    MetricsServer(worker.registry, Health(), "127.0.0.1", 0).httpd.server_close()
-    registries: list[CollectorRegistry] = [worker.registry]
-    with tempfile.TemporaryDirectory() as out:
-        settings = Settings(  # type: ignore[call-arg]
-            _env_file=None, REDIS_URL="redis://127.0.0.1:1/0", OUTPUT_DIR=out,
-            METRICS_PORT=0, WORKERS=2,
-        )  # fmt: skip
-        supervisor = Supervisor(settings, "redis://127.0.0.1:1/0", threading.Event())
-        try:
-            registries.append(supervisor.registry)
-            texts = [generate_latest(r).decode() for r in registries]
-        finally:
-            supervisor.close()
+    texts = served_metrics()
     series: dict[str, dict[str, set[str]]] = {}
     for text in texts:
         for family in text_string_to_metric_families(text):

@@ -11,12 +11,12 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
-import threading
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.conftest import served_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -193,26 +193,9 @@ def exported() -> dict[str, set[str]]:
     """Each metric as documented (counters with _total, info with _info) and its labels,
     from the registries the service serves: a worker's, the metrics server's additions,
     and the supervisor's under `run --workers N`."""
-    from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from returner.metrics import Health, Metrics, MetricsServer
-    from returner.settings import Settings
-    from returner.supervisor import Supervisor
-
-    worker = Metrics()
-    MetricsServer(worker.registry, Health(), "127.0.0.1", 0).httpd.server_close()
-    texts = [generate_latest(worker.registry).decode()]
-    with tempfile.TemporaryDirectory() as out:
-        settings = Settings(  # type: ignore[call-arg]
-            _env_file=None, REDIS_URL="redis://127.0.0.1:1/0", OUTPUT_DIR=out,
-            METRICS_PORT=0, WORKERS=2,
-        )  # fmt: skip
-        supervisor = Supervisor(settings, "redis://127.0.0.1:1/0", threading.Event())
-        try:
-            texts.append(generate_latest(supervisor.registry).decode())
-        finally:
-            supervisor.close()
+    texts = served_metrics()
     suffix = {"counter": "_total", "info": "_info"}
     metrics: dict[str, set[str]] = {}
     for text in texts:

@@ -78,15 +78,6 @@ def test_long_ids_sharing_a_prefix_stay_distinct() -> None:
         assert_safe_name(name)
 
 
-@pytest.fixture
-def seoul_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("TZ", "Asia/Seoul")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
-
-
 @pytest.mark.usefixtures("seoul_time")
 @pytest.mark.parametrize(
     "millis", [MILLIS, 0, 1_704_067_199_999, 1_704_067_200_000, 4_102_444_800_123]

@@ -5,14 +5,12 @@ counts; the results.json view; the daily layout; what a clean close leaves."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
 import os
 import sqlite3
 import stat
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +27,7 @@ from returner.task import Decision, Entry, Kind, Outcome
 from tests.conftest import (
     CLEAN_DOT_FILES,
     dot_files,
+    opened,
     random_frame,
     read_results,
     read_view,
@@ -87,16 +86,6 @@ def completed_records(directory: Path, request_id: str, image_id: str) -> list[d
 @pytest.fixture
 def outdir(tmp_path: Path) -> Path:
     return (tmp_path / "out").resolve()
-
-
-@contextlib.contextmanager
-def opened(directory: Path, **options: Any) -> Iterator[Results]:
-    results = Results(directory, **options)
-    results.open()
-    try:
-        yield results
-    finally:
-        results.close()
 
 
 @pytest.fixture
@@ -610,15 +599,6 @@ def test_no_results_json_when_its_entries_are_zero(outdir: Path) -> None:
         assert results.store.counts() == {"total": 2}
     assert not (outdir / RESULTS).exists()
     assert len(read_results(outdir)) == 2
-
-
-@pytest.fixture
-def seoul_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("TZ", "Asia/Seoul")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 @pytest.mark.usefixtures("seoul_time")

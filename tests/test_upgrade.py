@@ -5,7 +5,6 @@ import killed half way is done whole at the next start; a malformed archive stop
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -14,7 +13,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +24,7 @@ from returner.errors import DiskError
 from returner.output import LOCK, RESULTS, Results
 from returner.results import STORE
 from returner.task import Entry, Kind, Outcome
-from tests.conftest import read_results, read_view, wait_for
+from tests.conftest import opened, read_results, read_view, wait_for
 
 ARCHIVE = re.compile(r"results\.\d{8}T\d{6}(?:_\d+)?\.json")
 FIRST, SECOND = "results.20260101T000000.json", "results.20260102T000000.json"
@@ -65,16 +63,6 @@ def meta_imported(directory: Path) -> bool:
         return bool(conn.execute("SELECT count(*) FROM meta WHERE key = 'imported'").fetchone()[0])
     finally:
         conn.close()
-
-
-@contextlib.contextmanager
-def opened(directory: Path, **options: Any) -> Iterator[Results]:
-    results = Results(directory, **options)
-    results.open()
-    try:
-        yield results
-    finally:
-        results.close()
 
 
 @dataclass
