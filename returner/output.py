@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sqlite3
 import stat
 import threading
@@ -38,7 +37,6 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePath
-from typing import Any
 
 from returner.errors import DiskError, SettingsError
 from returner.results import STORE, Record, Store, Tx, translated
@@ -49,9 +47,6 @@ log = logging.getLogger(__name__)
 RESULTS = "results.json"
 LOCK = ".results.lock"
 TEMPS = ".tmp"
-_ARCHIVE = re.compile(r"results\.\d{8}T\d{6}(?:_\d+)?\.json")
-_OURS = re.compile(r"[^/]+_\d{8}_\d{6}(?:_\d+)?\.jpg")
-_LEGACY_TEMP = re.compile(r"\.(\d+)-[0-9a-f]{32}\.tmp")
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 # 255 bytes in all: stem + "_YYYYMMDD_HHMMSS" + "_NNNNNN" suffix room + ".jpg"
 STEM_MAX = 255 - 16 - 7 - 4
@@ -288,6 +283,14 @@ class View:
     def close(self) -> None:
         os.close(self._lock_fd)
 
+    def take_notes(self) -> list[str]:
+        """What an earlier version noted in the lock file (the JPEG names it was about to
+        create), emptied; the file is made private as it is now."""
+        notes = os.pread(self._lock_fd, 1 << 20, 0).decode(errors="replace").split("\n")
+        os.ftruncate(self._lock_fd, 0)
+        os.fchmod(self._lock_fd, 0o600)
+        return notes
+
     def write(self, store: Store, conn: sqlite3.Connection | None, wait_s: float = 0.0) -> bool:
         """Write the view unless another process is writing one; whether it was written.
 
@@ -340,7 +343,9 @@ class Results:
         """Import earlier results files once, finish dead writers' moves, write the view,
         and start the thread that keeps the view and retention. Raises DiskError."""
         if not self.store.imported:
-            self._upgrade()
+            from returner.upgrade import upgrade  # it builds on this module
+
+            upgrade(self.out, self.store, self.view.take_notes())
         self.sweep(self.store.db)
         self.view.write(self.store, None, LOCK_WAIT_S)
         self._thread = threading.Thread(target=self._maintain, name="results", daemon=True)
@@ -513,63 +518,6 @@ class Results:
         if now >= due["sweep"]:
             due["sweep"] = now + SWEEP_EVERY_S
             self.sweep(conn)
-
-    def _upgrade(self) -> None:
-        """Take in results.json and its archives from earlier versions, once.
-
-        Inside the import's transaction (so that of several processes starting together
-        only one does it), results.json is renamed like an archive, then every archive is
-        read. A process killed half way leaves the store as it was, and the next start
-        imports everything again. The leftovers of the earlier design (its temp files,
-        and JPEGs its lock file names that no record references) are removed.
-        """
-        started = time.perf_counter()
-        total = self.store.import_records(self._archives)
-        if total:
-            rate = total / max(time.perf_counter() - started, 1e-9)
-            log.info("imported %d earlier records (%.0f/s)", total, rate)
-        self._remove_legacy_leftovers()
-
-    def _archives(self) -> Iterator[tuple[str, list[Any]]]:
-        path = self.out.here(RESULTS)
-        if path.is_file() and not path.is_symlink():
-            archive = self._archive_name()
-            os.rename(path, archive)
-            fsync_dir(self.out.root)
-            log.info("kept the earlier results.json as %s", archive.name)
-        for archive in sorted(p for p in self.out.root.iterdir() if _ARCHIVE.fullmatch(p.name)):
-            yield _read_archive(archive)
-
-    def _archive_name(self) -> Path:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        for n in range(1000):
-            archive = self.out.here(f"results.{stamp}{f'_{n}' if n else ''}.json")
-            if not os.path.lexists(archive):
-                return archive
-        raise DiskError("no free name to archive results.json")
-
-    def _remove_legacy_leftovers(self) -> None:
-        named = os.pread(self.view._lock_fd, 1 << 20, 0).decode(errors="replace").split("\n")
-        for name in filter(_OURS.fullmatch, named):
-            if not self.store.references(str(self.out.path / name)):
-                log.warning("removing orphan %s (its writer died before recording it)", name)
-                discard(self.out.here(name))
-        os.ftruncate(self.view._lock_fd, 0)
-        os.fchmod(self.view._lock_fd, 0o600)
-        for entry in os.scandir(self.out.root):
-            match = _LEGACY_TEMP.fullmatch(entry.name)
-            if match and entry.is_file(follow_symlinks=False) and not process_alive(int(match[1])):
-                discard(entry.path)
-
-
-def _read_archive(path: Path) -> tuple[str, list[Any]]:
-    try:
-        records = json.loads(path.read_bytes())
-    except ValueError as exc:
-        raise DiskError(f"{path} is not valid JSON ({exc}); move it aside") from None
-    if not isinstance(records, list):
-        raise DiskError(f"{path} is not a JSON array; move it aside")
-    return path.name, records
 
 
 def process_alive(pid: int) -> bool:
