@@ -40,7 +40,7 @@ from pathlib import Path, PurePath
 
 from returner.errors import DiskError, SettingsError
 from returner.results import STORE, Record, Store, Tx, translated
-from returner.task import Decision, Kind, Outcome
+from returner.task import Decision, Kind, Outcome, echo
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,14 @@ def check_private(path: Path) -> None:
         )
 
 
+def move_all(moves: list[tuple[Path, Path]]) -> None:
+    """Finish these (temp, final) moves, then make them durable. Raises OSError."""
+    for temp, final in moves:
+        finish_move(str(temp), str(final))
+    for directory in {final.parent for _, final in moves}:
+        fsync_dir(directory)
+
+
 def _try_lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -245,8 +253,9 @@ class OutputDir:
             fsync_dir(self.root)
         return day
 
-    def dead_writers(self) -> Iterator[tuple[str, int]]:
-        """(name, locked descriptor) of each temp directory whose writer is gone."""
+    def dead_writers(self) -> Iterator[str]:
+        """The name of each temp directory whose writer is gone, locked while the
+        caller handles it."""
         for entry in os.scandir(self.temps_root):
             if entry.name == self.writer or not entry.is_dir(follow_symlinks=False):
                 continue
@@ -255,7 +264,7 @@ class OutputDir:
             except OSError:
                 continue
             if _try_lock(fd):
-                yield entry.name, fd
+                yield entry.name
             os.close(fd)
 
 
@@ -450,38 +459,30 @@ class Results:
             candidate = directory / file_name(image_id, millis, suffix)
             if not os.path.lexists(self.out.here(candidate)) and not tx.claimed(str(candidate)):
                 return candidate
-        raise DiskError(f"no free file name for {image_id[:80]!r}")
+        raise DiskError(f"no free file name for {echo(image_id)}")
 
     def _place(self, completed: list[Decision]) -> None:
-        finals = [
-            self.out.here(d.file_path.relative_to(self.out.path))
+        moves = [
+            (d.outcome.temp_path, self.out.here(d.file_path.relative_to(self.out.path)))
             for d in completed
-            if d.file_path is not None
+            if d.outcome.temp_path is not None and d.file_path is not None
         ]
         try:
-            for decision, final in zip(completed, finals, strict=True):
-                finish_move(str(decision.outcome.temp_path), str(final))
-            for directory in {final.parent for final in finals}:
-                fsync_dir(directory)
+            move_all(moves)
         except OSError as exc:
             raise _disk_error("moving JPEGs into place", exc) from exc
         self._placed = True
 
     def _finish(self, tx: Tx, writer: str) -> None:
         """Finish a writer's recorded moves and forget them."""
-        moves = [
-            (self.out.here(temp), self.out.here(final))
-            for _, temp, final in tx.moves(writer=writer)
-        ]
-        for temp, final in moves:
-            finish_move(str(temp), str(final))
-        for directory in {final.parent for _, final in moves}:
-            fsync_dir(directory)
+        move_all(
+            [(self.out.here(temp), self.out.here(final)) for _, temp, final in tx.moves(writer)]
+        )
         tx.forget_moves(writer)
 
     def sweep(self, conn: sqlite3.Connection) -> None:
         """Finish the moves of writers that died, and remove their temp files."""
-        for writer, _fd in self.out.dead_writers():
+        for writer in self.out.dead_writers():
             with self.store.transaction("finishing a dead writer's moves", conn) as tx:
                 self._finish(tx, writer)
             remove_tree(self.out.temps_root / writer)
@@ -489,8 +490,7 @@ class Results:
 
     def _maintain(self) -> None:
         """The view at most a second behind, retention in small steps, sweeps."""
-        conn = sqlite3.connect(self.store.path, timeout=10.0, isolation_level=None)
-        conn.execute("PRAGMA synchronous = FULL")
+        conn = self.store.connect()
         due = {"view": 0.0, "prune": 0.0, "sweep": time.monotonic() + SWEEP_EVERY_S}
         try:
             while not self._stop.wait(TICK_S):

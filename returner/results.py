@@ -166,10 +166,14 @@ class Store:
             self._readers.clear()
         self.db.close()
 
+    def connect(self) -> sqlite3.Connection:
+        """Another connection to the store, for a thread of its own."""
+        return _connect(self.path, BUSY_TIMEOUT_S)
+
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path, BUSY_TIMEOUT_S)
+            conn = self.connect()
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)

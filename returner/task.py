@@ -18,20 +18,19 @@ NAME_MAX = 255
 ECHO_MAX = 80  # characters of a message's value repeated in an error, a record or a log
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}...(+{len(text) - limit} chars)"
+
+
 def brief(value: str | None, limit: int = ECHO_MAX) -> str | None:
     """An id as a log line shows it: cut to about `limit` characters."""
-    if value is None or len(value) <= limit:
-        return value
-    return f"{value[:limit]}...(+{len(value) - limit} chars)"
+    return None if value is None else _cut(value, limit)
 
 
 def echo(value: object, limit: int = ECHO_MAX) -> str:
     """A value from a message as it may be repeated: repr (so control characters and
     lone surrogates are escaped), cut to about `limit` characters."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}...(+{len(text) - limit} chars)"
+    return _cut(repr(value), limit)
 
 
 class _ShmInfo(BaseModel):
