@@ -357,7 +357,13 @@ class Results:
             upgrade(self.out, self.store, self.view.take_notes())
         self.sweep(self.store.db)
         self.view.write(self.store, None, LOCK_WAIT_S)
-        self._thread = threading.Thread(target=self._maintain, name="results", daemon=True)
+        # Connected here, not in the thread: SQLite turns the /proc/self/fd path into a
+        # name as it opens, so every connection is made while OUTPUT_DIR is known good.
+        with translated("opening the results store"):
+            conn = self.store.connect()
+        self._thread = threading.Thread(
+            target=self._maintain, args=(conn,), name="results", daemon=True
+        )
         self._thread.start()
 
     def close(self) -> None:
@@ -488,9 +494,8 @@ class Results:
             remove_tree(self.out.temps_root / writer)
             log.info("finished the work of a writer that died (%s)", writer)
 
-    def _maintain(self) -> None:
+    def _maintain(self, conn: sqlite3.Connection) -> None:
         """The view at most a second behind, retention in small steps, sweeps."""
-        conn = self.store.connect()
         due = {"view": 0.0, "prune": 0.0, "sweep": time.monotonic() + SWEEP_EVERY_S}
         try:
             while not self._stop.wait(TICK_S):
