@@ -218,11 +218,15 @@ class OutputDir:
             writer = uuid.uuid4().hex[:16]
             temps = self.temps_root / writer
             temps.mkdir(mode=0o700)
-            fd = os.open(temps, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            # A sweeper that took the new directory for a dead writer's removes it
-            # before letting go of the lock: then try another name.
-            if _try_lock(fd) and os.stat(temps).st_ino == os.fstat(fd).st_ino:
-                return writer, fd
+            # Until it is locked, a sweeper may take the new directory for a dead
+            # writer's and remove it, before or after it is opened: then try another name.
+            try:
+                fd = os.open(temps, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if _try_lock(fd) and os.stat(temps).st_ino == os.fstat(fd).st_ino:
+                    return writer, fd
             os.close(fd)
 
     def close(self, remove_temps: bool = True) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -212,6 +214,33 @@ def test_a_dead_writers_temp_files_are_removed(results: Results) -> None:
     assert len(list((results.out.path / TEMPS).iterdir())) == 2
     results.sweep(results.store.db)
     assert [p.name for p in (results.out.path / TEMPS).iterdir()] == [results.out.writer]
+
+
+def test_a_writer_starting_while_another_sweeps_gets_a_directory_of_its_own(
+    results: Results,
+) -> None:
+    """A sweeper can see a new temp directory before its writer has locked it, and
+    remove it: the starting writer then takes another name instead of failing."""
+    stop = threading.Event()
+
+    def sweep() -> None:
+        while not stop.is_set():
+            for writer in results.out.dead_writers():
+                output.remove_tree(results.out.temps_root / writer)
+
+    sweeper = threading.Thread(target=sweep)
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # interleave the two threads as two processes would
+    sweeper.start()
+    try:
+        for _ in range(300):
+            out = output.OutputDir(results.out.path)
+            assert (out.temps_root / out.writer).is_dir()
+            out.close()
+    finally:
+        stop.set()
+        sweeper.join()
+        sys.setswitchinterval(switching)
 
 
 def test_an_unforeseen_error_in_one_outcome_leaves_the_rest_committed(
