@@ -361,8 +361,9 @@ class Results:
             upgrade(self.out, self.store, self.view.take_notes())
         self.sweep(self.store.db)
         self.view.write(self.store, None, LOCK_WAIT_S)
-        # Connected here, not in the thread: SQLite turns the /proc/self/fd path into a
-        # name as it opens, so every connection is made while OUTPUT_DIR is known good.
+        # Connected here, so that a failure stops open() instead of killing the thread:
+        # SQLite opens by the name /proc/self/fd resolves to, and a rename of OUTPUT_DIR
+        # in the middle of connecting fails it.
         with translated("opening the results store"):
             conn = self.store.connect()
         self._thread = threading.Thread(
