@@ -131,15 +131,6 @@ def discard(path: Path | str | None) -> None:
             os.unlink(path)
 
 
-def finish_move(temp: str, final: str) -> None:
-    """Put a recorded JPEG under its final name; done already is fine. Raises OSError."""
-    try:
-        os.rename(temp, final)
-    except FileNotFoundError:
-        if not os.path.lexists(final):
-            log.error("the JPEG of a completed record is lost: %s (temp %s gone)", final, temp)
-
-
 def check_private(path: Path) -> None:
     """Refuse a path another user owns or may write to, as sshd's StrictModes does: they
     could swap files under the returner, or hold its store. A missing path is fine.
@@ -164,9 +155,14 @@ def check_private(path: Path) -> None:
 
 
 def move_all(moves: list[tuple[Path, Path]]) -> None:
-    """Finish these (temp, final) moves, then make them durable. Raises OSError."""
+    """Put recorded JPEGs under their final names (done already is fine), then make
+    that durable. Raises OSError."""
     for temp, final in moves:
-        finish_move(str(temp), str(final))
+        try:
+            os.rename(temp, final)
+        except FileNotFoundError:
+            if not os.path.lexists(final):
+                log.error("the JPEG of a completed record is lost: %s (temp %s gone)", final, temp)
     for directory in {final.parent for _, final in moves}:
         fsync_dir(directory)
 
@@ -444,9 +440,8 @@ class Results:
             # file must be there before this is acked. Ours are all of this transaction,
             # which renames them itself once committed.
             target = self.out.inside(recorded) if recorded else None
-            for writer, temp, final in tx.moves(final=str(target)) if target else []:
-                if writer != self.out.writer:
-                    finish_move(str(self.out.here(temp)), str(self.out.here(final)))
+            if target:
+                self._move([m for m in tx.moves(final=str(target)) if m[0] != self.out.writer])
             return Decision(outcome, Kind.DUPLICATE, Path(recorded) if recorded else None)
         entry = outcome.entry
         if outcome.kind is Kind.COMPLETED:
@@ -484,11 +479,13 @@ class Results:
             raise _disk_error("moving JPEGs into place", exc) from exc
         self._placed = True
 
+    def _move(self, moves: list[tuple[str, str, str]]) -> None:
+        """Finish recorded moves (writer, temp, final) and make them durable."""
+        move_all([(self.out.here(temp), self.out.here(final)) for _, temp, final in moves])
+
     def _finish(self, tx: Tx, writer: str) -> None:
         """Finish a writer's recorded moves and forget them."""
-        move_all(
-            [(self.out.here(temp), self.out.here(final)) for _, temp, final in tx.moves(writer)]
-        )
+        self._move(tx.moves(writer))
         tx.forget_moves(writer)
 
     def sweep(self, conn: sqlite3.Connection) -> None:

@@ -404,6 +404,3 @@ class Tx:
 
     def forget_moves(self, writer: str) -> None:
         self.db.execute("DELETE FROM moves WHERE writer = ?", (writer,))
-
-    def writers(self) -> set[str]:
-        return {str(w) for (w,) in self.db.execute("SELECT DISTINCT writer FROM moves")}
