@@ -483,15 +483,10 @@ def show_status(report: dict[str, Any]) -> None:
 def count_results(output_dir: Path) -> dict[str, int | None]:
     """Records in the store of OUTPUT_DIR; None when there is no store yet."""
     try:
-        store = Store(output_dir, create=False)
+        with contextlib.closing(Store(output_dir, create=False)) as store:
+            return {"records": store.counts()["total"]}
     except ReturnerError:
         return {"records": None}
-    try:
-        return {"records": store.counts()["total"]}
-    except ReturnerError:
-        return {"records": None}
-    finally:
-        store.close()
 
 
 @app.command("demo")
@@ -649,12 +644,21 @@ def show_latest(
         show(latest)
         return latest[-1].id if latest else "$"
     kept: deque[Event] = deque(maxlen=count)
+    last = read_history(
+        stream, lambda batch: kept.extend(e for e in batch if e["request_id"] == request_id)
+    )
+    show(list(kept))
+    return last if last != "0-0" else "$"
+
+
+def read_history(stream: Stream, take: Callable[[list[Event]], None]) -> str:
+    """Hand every event in the stream to `take`, oldest first, a batch at a time; the
+    ID of the last one ("0-0" when there is none)."""
     last = "0-0"
     while batch := stream.read_events(last):
         last = batch[-1].id
-        kept.extend(e for e in batch if e["request_id"] == request_id)
-    show(list(kept))
-    return last if last != "0-0" else "$"
+        take(batch)
+    return last
 
 
 def print_event_json(batch: list[Event]) -> None:
@@ -700,10 +704,7 @@ def wait(
     with redis_url_for(settings, embedded_ok=False) as url:
         stream = stream_for(settings, url)
         try:
-            last = "0-0"
-            while batch := stream.read_events(last):  # what came before: the latest event decides
-                last = batch[-1].id
-                waiting.take(batch)
+            last = read_history(stream, waiting.take)  # what came before: the latest decides
             while waiting.failed is None and waiting.left:
                 left_s = None if deadline is None else deadline - time.monotonic()
                 if left_s is not None and left_s <= 0:
@@ -735,7 +736,7 @@ class Waiting:
     def take(self, batch: list[Event]) -> None:
         for event in batch:
             image_id = event["image_id"]
-            if event["request_id"] != self.request_id or image_id not in self.left | set(self.done):
+            if event["request_id"] != self.request_id or image_id not in self.wanted:
                 continue
             if event["status"] == "completed":
                 self.left.discard(image_id)

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from returner.errors import DiskError
-from returner.output import OutputDir, discard, fsync_dir, process_alive
+from returner.output import RESULTS, OutputDir, discard, fsync_dir, process_alive
 from returner.results import Store
 
 log = logging.getLogger(__name__)
 
-RESULTS = "results.json"
 _ARCHIVE = re.compile(r"results\.\d{8}T\d{6}(?:_\d+)?\.json")
 _JPEG = re.compile(r"[^/]+_\d{8}_\d{6}(?:_\d+)?\.jpg")
 _TEMP = re.compile(r"\.(\d+)-[0-9a-f]{32}\.tmp")
