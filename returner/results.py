@@ -24,6 +24,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -115,6 +116,25 @@ def _connect(path: Path, timeout_s: float) -> sqlite3.Connection:
     return conn
 
 
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Put the database in WAL mode (it stays so). Switching takes an exclusive lock,
+    and SQLite refuses it at once, not after the busy timeout, while another process
+    opening the new store holds a lock: then try again, for as long as the timeout.
+    Raises sqlite3.Error."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode == "wal":
+                return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise
+        if time.monotonic() >= deadline:
+            raise sqlite3.OperationalError("the store could not be put in WAL mode")
+        time.sleep(0.01)
+
+
 def _create(path: Path) -> None:
     """Create the database file private (0600); SQLite gives its -wal and -shm the same mode."""
     with contextlib.suppress(FileExistsError):
@@ -153,7 +173,7 @@ class Store:
             else:
                 _create(self.path)
                 self.db = _connect(self.path, BUSY_TIMEOUT_S)
-                self.db.execute("PRAGMA journal_mode = WAL")
+                _use_wal(self.db)
                 self.db.executescript(_SCHEMA)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []

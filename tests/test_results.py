@@ -138,6 +138,45 @@ def race(directory: str, name: str, keys: int, ready: Any, answers: Any) -> None
         results.close()
 
 
+def open_new_stores(directories: list[str], ready: Any, answers: Any) -> None:
+    """A child that opens each new store at the same instant as its siblings."""
+    errors = []
+    for directory in directories:
+        ready.wait()
+        try:
+            Store(Path(directory)).close()
+        except DiskError as exc:
+            errors.append(str(exc))
+    answers.put(errors)
+
+
+def test_processes_opening_a_new_store_at_once_all_open_it(tmp_path: Path) -> None:
+    """Switching a new store to WAL takes an exclusive lock that SQLite refuses at once,
+    without waiting, while a sibling holds a lock: several workers starting together
+    on a new OUTPUT_DIR each failed now and then with "database is locked"."""
+    processes, rounds = 6, 100
+    directories = [str(tmp_path / f"out{i}") for i in range(rounds)]
+    for directory in directories:
+        os.mkdir(directory)
+    ctx = multiprocessing.get_context("spawn")
+    ready, answers = ctx.Barrier(processes), ctx.Queue()
+    children = [ctx.Process(target=open_new_stores, args=(directories, ready, answers))
+                for _ in range(processes)]
+    for child in children:
+        child.start()
+    errors = [e for _ in children for e in answers.get(timeout=120)]
+    for child in children:
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    assert errors == []
+    for directory in directories:
+        db = sqlite3.connect(Path(directory) / STORE)
+        try:
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        finally:
+            db.close()
+
+
 def test_two_processes_racing_on_the_same_tasks_complete_each_task_once(outdir: Path) -> None:
     keys = 40
     ctx = multiprocessing.get_context("spawn")
