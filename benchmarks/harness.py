@@ -29,9 +29,9 @@ import redis
 
 from returner import frames
 from returner.encode import JpegOptions, encode
-from returner.output import write_file
+from returner.files import write_file
 from returner.producer import put_segment, task_message
-from returner.results import STORE, Store
+from returner.store import STORE, Store
 from returner.task import Task
 from tests.conftest import wait_for
 
@@ -74,7 +74,7 @@ def build_store(directory: Path, count: int) -> None:
     upgrade leaves it.
 
     The rows go in without a journal (a build that fails is simply built again), and
-    `Store.import_records` then makes the index after them, as an import does, and
+    `Tx.mark_imported` then makes the index after them, as an import does, and
     marks the store imported, so `Results.open()` takes it as it is. 10 million
     records take about 30 s.
     """
@@ -88,7 +88,8 @@ def build_store(directory: Path, count: int) -> None:
         db.execute(_GENERATE, {"count": count, "dir": HISTORY_DIR, "spacing": SPACING_S,
                                "start": time.time() - count * SPACING_S})
         db.execute("COMMIT")
-        store.import_records(lambda: ())  # nothing to read: the index, the mark
+        with store.transaction("marking the history imported") as tx:
+            tx.mark_imported()  # the index, the mark, as an import leaves them
         db.execute("PRAGMA journal_mode = WAL")
     finally:
         store.close()

@@ -2,10 +2,10 @@
 
 OUTPUT_DIR's store is laid out with 0, 10k, 1M and 10M earlier records, as an upgrade
 leaves it (`harness.history`: one generated row per record with SPEC's fields, 1% of
-them failed, then the index and the `imported` mark made by `Store.import_records`; the
+them failed, then the index and the `imported` mark made by `Tx.mark_imported`; the
 1M and 10M stores are built once into `.returner/bench-cache/` and copied).
 
-Each store is opened as `returner run` opens it: `Results(dir, ...)` with the service's
+Each store is opened as `returner run` opens it: `Committer.at(dir, ...)` with the service's
 default settings (layout, RESULTS_JSON_ENTRIES, RESULTS_RETENTION_DAYS), so its thread
 keeps results.json and retention up meanwhile, as in the service; `open()` is timed.
 Then the rounds run, the four stores taking turns within each round (in an order that
@@ -41,7 +41,8 @@ import simplejpeg
 
 from benchmarks import harness
 from benchmarks.conftest import Frame, report
-from returner.output import Results
+from returner import upgrade
+from returner.commit import Committer
 from returner.settings import Settings
 from returner.task import Entry, Kind, Outcome
 from tests.conftest import count_records
@@ -76,18 +77,18 @@ def page_jpeg(page_frame: Frame) -> bytes:
     return data
 
 
-def service_results(directory: Path) -> Results:
-    """`Results` as `returner run` makes it with the default settings."""
+def service_results(directory: Path) -> Committer:
+    """The results as `returner run` makes them with the default settings."""
     defaults = {name: spec.default for name, spec in Settings.model_fields.items()}
-    return Results(directory, defaults["output_layout"], defaults["results_json_entries"],
-                   defaults["results_retention_days"])
+    return Committer.at(directory, defaults["output_layout"], defaults["results_json_entries"],
+                        defaults["results_retention_days"])
 
 
 @dataclass
 class Case:
     """One store, opened, and the batches committed to it."""
 
-    results: Results
+    results: Committer
     jpeg: bytes
     count: int = 0
     times: list[float] = field(default_factory=list)  # seconds per timed batch
@@ -100,8 +101,7 @@ class Case:
             self.count += 1
             entry = Entry(f"{BASE_MILLIS + i}-0", b"{}", 1)
             outcome = Outcome(entry, Kind.COMPLETED, uuid.uuid4().hex, f"img_{i}")
-            outcome.temp_path = self.results.out.write_jpeg(self.jpeg)
-            outcome.size = len(self.jpeg)
+            outcome.staged = self.results.output.stage(self.jpeg)
             outcomes.append(outcome)
         self.last = [o.image_id or "" for o in outcomes]
         return outcomes
@@ -127,6 +127,7 @@ def test_commit(benchmark: Any, stores: dict[str, Path], page_jpeg: bytes, batch
         for name, directory in stores.items():
             results = service_results(directory)
             started = time.perf_counter()
+            upgrade.take_over(results.out, results.store)
             results.open()
             opens[name] = time.perf_counter() - started
             cases[name] = Case(results, page_jpeg)

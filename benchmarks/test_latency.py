@@ -26,7 +26,7 @@ import redis
 
 from benchmarks import harness
 from returner.producer import put_segment, task_message
-from returner.results import Store
+from returner.store import Store
 from tests.conftest import wait_for
 
 RATE = float(os.environ.get("BENCH_LATENCY_RATE", "0"))  # frames/s; 0: half the measured max

@@ -314,15 +314,17 @@ def _cpu_of(client: Any, action: Any) -> float:
 def _settle_all(stream: Any, ack_only: Any) -> None:
     """Fetch and settle every task in batches: with settle.lua (events on) or with a
     script that only acks and deletes, as settling did before events."""
-    from returner.stream import Settlement
+    from returner.store import timestamp
+    from returner.task import Decision, Kind, Outcome
 
     while entries := stream.fetch(COST_BATCH):
         if ack_only is None:
-            stream.settle([Settlement(e, "completed", "bench", e.id, f"/out/{e.id}.jpg")
-                           for e in entries])
+            stamp = timestamp()
+            stream.settle([Decision(Outcome(e, Kind.COMPLETED, "bench", e.id), Kind.COMPLETED,
+                                    stamp, Path(f"/out/{e.id}.jpg")) for e in entries])
         else:
             ack_only(keys=[stream.keys.stream], args=[stream.group, *[e.id for e in entries]],
-                     client=stream.client)
+                     client=stream.stream.client)
 
 
 @pytest.mark.timeout(600)
@@ -340,7 +342,7 @@ def test_redis_cpu_of_events_and_of_batched_pushes(benchmark: Any, tmp_path: Pat
     from redis.commands.core import Script
 
     from returner.producer import task_message
-    from returner.stream import Stream
+    from returner.stream import Consumer
 
     ack_only = Script(None, b"redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2)) "  # type: ignore[arg-type]
                             b"redis.call('XDEL', KEYS[1], unpack(ARGV, 2)) return 1")
@@ -354,8 +356,8 @@ def test_redis_cpu_of_events_and_of_batched_pushes(benchmark: Any, tmp_path: Pat
             got: dict[str, float] = {}
             for name, script in (("ack_only", ack_only), ("settle", None))[:: -1 if flip else 1]:
                 queue = f"bench:cost:{name}:{uuid.uuid4().hex[:8]}"
-                stream = Stream(client, queue, "returner", "bench")
-                stream.ensure_group()
+                stream = Consumer(client, queue, "returner", "bench")
+                stream.stream.ensure_group()
                 got[f"push_one[{name}]"] = _cpu_of(
                     client, lambda q=queue: [client.rpush(q, m) for m in messages])
                 got[name] = _cpu_of(client, lambda s=stream, a=script: _settle_all(s, a))

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from benchmarks.conftest import RedisServer, Segments, manga_page, report, wait_until
-from returner.results import STORE, Store
+from returner.store import STORE, Store
 
 pytestmark = pytest.mark.bench
 

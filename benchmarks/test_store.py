@@ -32,7 +32,7 @@ commit's own cost in test_commit.py.
   view's writes per second are reported too.
 - **Import.** A seed-format results.json of 1,000,000 records (`json.dumps(list,
   indent=2)`, 1% failed, one id in 50 non-ASCII; built once into the cache) imported
-  by `Results(dir).open()` in a fresh interpreter; records/s, and its peak RSS.
+  by the start-up's `upgrade.take_over` in a fresh interpreter; records/s, and its peak RSS.
 
 How /proc/<pid>/io counts, checked on this machine's kernel (and again by
 `test_write_accounting` before the disk figures are taken): `write_bytes` is charged
@@ -71,8 +71,8 @@ import redis
 
 from benchmarks import harness
 from benchmarks.conftest import Frame, RedisServer, Segments, manga_page, report, wait_until
-from returner.output import RESULTS
-from returner.results import STORE
+from returner.store import STORE
+from returner.view import RESULTS
 
 pytestmark = pytest.mark.bench
 
@@ -380,14 +380,16 @@ def legacy_json(count: int) -> Path:
 _IMPORT = """
 import json, sys, time
 from pathlib import Path
-from returner.output import Results
+from returner import upgrade
+from returner.commit import Committer
 def peak():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
 before = peak()
-results = Results(Path(sys.argv[1]))
+results = Committer.at(Path(sys.argv[1]))
 started = time.perf_counter()
+upgrade.take_over(results.out, results.store)
 results.open()
 seconds = time.perf_counter() - started
 total = results.store.counts()["total"]

@@ -7,8 +7,7 @@ import numpy as np
 import numpy.typing as npt
 
 from returner.producer import Producer
-
-ORDERS = ("RGB", "BGR", "RGBA", "BGRA", "GRAY")
+from returner.task import CHANNEL_ORDERS
 
 
 def sample_frame(
@@ -38,7 +37,7 @@ def push_demo(producer: Producer, count: int) -> list[str]:
     """Publish `count` sample frames, cycling through every channel order; their segments."""
     items = []
     for i in range(count):
-        order = ORDERS[i % len(ORDERS)]
+        order = CHANNEL_ORDERS[i % len(CHANNEL_ORDERS)]
         items.append(
             (sample_frame(i, channel_order=order), f"demo_req_{i:03d}", f"demo_{i:03d}", order)
         )

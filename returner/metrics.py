@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from returner import __version__
-from returner.task import Kind
+from returner.task import OUTCOMES, Kind
+
+if TYPE_CHECKING:
+    from returner.stream import Observation
+    from returner.task import Decision
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = (Kind.COMPLETED, Kind.DUPLICATE, Kind.FAILED, Kind.DEAD_LETTERED)
+__all__ = ["OUTCOMES", "Health", "Metrics", "MetricsServer"]
 STAGES = ("load", "encode", "write", "commit", "ack")
 # missing_segment: a task failed because its segment did not exist, usually a renderer
 # whose resource tracker unlinked it (docs/getting-started.md, writing a renderer).
@@ -48,78 +53,73 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.tasks = Counter(
-            "returner_tasks", "Settled deliveries by outcome.", ["outcome"], registry=r
-        )
-        self.duration = Histogram(
+        counter = functools.partial(Counter, registry=r)
+        histogram = functools.partial(Histogram, registry=r)
+        gauge = functools.partial(Gauge, registry=r, multiprocess_mode=_QUEUE_WIDE)
+        self.tasks = counter("returner_tasks", "Settled deliveries by outcome.", ["outcome"])
+        self.duration = histogram(
             "returner_task_duration_seconds",
             "From the task entering the stream to its outcome being durable and acknowledged.",
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.stage = Histogram(
+        self.stage = histogram(
             "returner_stage_duration_seconds",
             "Time in each stage: load, encode, write per task; commit, ack per batch.",
             ["stage"],
             buckets=_STAGE_BUCKETS,
-            registry=r,
         )
-        self.bytes_written = Counter("returner_bytes_written", "JPEG bytes written.", registry=r)
-        self.deliveries = Histogram(
+        self.bytes_written = counter("returner_bytes_written", "JPEG bytes written.")
+        self.deliveries = histogram(
             "returner_deliveries",
             "Redis delivery count of each settled delivery.",
             buckets=_DELIVERY_BUCKETS,
-            registry=r,
         )
-        self.events = Counter(
-            "returner_events",
-            "Events emitted on {L}:events, one per delivery this worker settled.",
-            registry=r,
+        self.events = counter(
+            "returner_events", "Events emitted on {L}:events, one per delivery this worker settled."
         )
-        self.errors = Counter(
-            "returner_errors",
-            "Errors by kind: redis, disk, task, missing_segment.",
-            ["kind"],
-            registry=r,
+        self.errors = counter(
+            "returner_errors", "Errors by kind: redis, disk, task, missing_segment.", ["kind"]
         )
-        self.reconnects = Counter(
-            "returner_redis_reconnects", "Times Redis answered again after failing.", registry=r
+        self.reconnects = counter(
+            "returner_redis_reconnects", "Times Redis answered again after failing."
         )
-        self.short_waits = Counter(
+        self.short_waits = counter(
             "returner_redis_short_waits",
             "WAITs (REDIS_WAIT_REPLICAS) that timed out before enough replicas confirmed.",
-            registry=r,
         )
-        self.queue_length = Gauge(
-            "returner_queue_length",
-            "Elements waiting in the list.",
-            registry=r,
-            multiprocess_mode=_QUEUE_WIDE,
-        )
-        self.pending = Gauge(
-            "returner_pending",
-            "Entries delivered but not yet acknowledged.",
-            registry=r,
-            multiprocess_mode=_QUEUE_WIDE,
-        )
-        self.oldest_pending = Gauge(
+        self.queue_length = gauge("returner_queue_length", "Elements waiting in the list.")
+        self.pending = gauge("returner_pending", "Entries delivered but not yet acknowledged.")
+        self.oldest_pending = gauge(
             "returner_oldest_pending_seconds",
             "Age of the oldest pending entry (since it entered the stream).",
-            registry=r,
-            multiprocess_mode=_QUEUE_WIDE,
         )
-        self.dead_letters = Gauge(
-            "returner_dead_letters",
-            "Entries in the dead-letter stream.",
-            registry=r,
-            multiprocess_mode=_QUEUE_WIDE,
-        )
+        self.dead_letters = gauge("returner_dead_letters", "Entries in the dead-letter stream.")
         for outcome in OUTCOMES:
             self.tasks.labels(outcome=outcome.value)
         for stage in STAGES:
             self.stage.labels(stage=stage)
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)
+
+    def settled(self, decision: Decision, latency_s: float) -> None:
+        """Count one settled delivery, `latency_s` after its task entered the stream."""
+        kind, outcome = decision.kind, decision.outcome
+        self.tasks.labels(outcome=kind.value).inc()
+        if kind is Kind.FAILED and outcome.segment_missing:
+            self.errors.labels(kind="missing_segment").inc()
+        self.duration.observe(latency_s)
+        self.deliveries.observe(outcome.entry.deliveries)
+        if kind is Kind.COMPLETED and outcome.staged is not None:
+            self.bytes_written.inc(outcome.staged.size)
+        for stage, seconds in outcome.timings.items():
+            self.stage.labels(stage=stage).observe(seconds)
+
+    def observed(self, seen: Observation) -> None:
+        """The queue as one look at Redis found it."""
+        self.queue_length.set(seen.queue_length)
+        self.pending.set(seen.pending)
+        self.oldest_pending.set(seen.oldest_pending_s or 0.0)
+        self.dead_letters.set(seen.dead_letters)
 
 
 class Health:

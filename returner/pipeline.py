@@ -11,9 +11,9 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from returner import frames
+from returner.commit import Committer
 from returner.encode import JpegOptions, encode
 from returner.errors import DiskError, MissingSegment, PermanentError, TransientError
-from returner.output import Results
 from returner.task import Entry, Kind, Outcome, Rules, brief, name_problem, parse_task, read_ids
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class Pipeline:
 
     def __init__(
         self,
-        results: Results,
+        results: Committer,
         rules: Rules,
         jpeg: JpegOptions,
         max_deliveries: int,
@@ -91,10 +91,10 @@ class Pipeline:
         assert outcome.data is not None
         started = time.perf_counter()
         try:
-            outcome.temp_path = self.results.out.write_jpeg(outcome.data)
-            outcome.kind, outcome.size = Kind.COMPLETED, len(outcome.data)
-        except DiskError as exc:
-            outcome.error, outcome.disk_error = str(exc), True
+            outcome.staged = self.results.output.stage(outcome.data)
+            outcome.kind = Kind.COMPLETED
+        except TransientError as exc:  # the output is failing: pause
+            outcome.kind, outcome.error = Kind.PAUSE, str(exc)
         except Exception as exc:  # pragma: no cover - an unforeseen fault: stays pending
             log.exception("writing %s failed unexpectedly", outcome.entry.id)
             outcome.error = f"{type(exc).__name__}: {exc}"
@@ -104,15 +104,15 @@ class Pipeline:
 
     def process(self, entry: Entry) -> Outcome:
         """Decide one delivery's outcome; a frame to save comes back encoded in `data`."""
-        if len(entry.task) > self.rules.max_task_bytes:  # not even parsed for its ids
-            error = f"message is {len(entry.task)} bytes, over MAX_TASK_BYTES"
+        if len(entry.payload) > self.rules.max_task_bytes:  # not even parsed for its ids
+            error = f"message is {len(entry.payload)} bytes, over MAX_TASK_BYTES"
             return Outcome(entry, Kind.FAILED, error=error)
-        rid, iid, shm_name = read_ids(entry.task)
+        rid, iid, shm_name = read_ids(entry.payload)
         outcome = Outcome(entry, Kind.RETRY, rid, iid)
         try:
             duplicate = self.results.is_completed(outcome.key)
         except DiskError as exc:
-            outcome.error, outcome.disk_error = str(exc), True
+            outcome.kind, outcome.error = Kind.PAUSE, str(exc)
             return outcome
         if duplicate:
             outcome.kind, outcome.shm_name = Kind.DUPLICATE, self._safe(shm_name)
@@ -135,7 +135,9 @@ class Pipeline:
             outcome.segment_missing = isinstance(exc, MissingSegment)
             outcome.shm_name = outcome.shm_name or self._safe(shm_name)
         except TransientError as exc:
-            outcome.error, outcome.disk_error = str(exc), isinstance(exc, DiskError)
+            outcome.error = str(exc)
+            if isinstance(exc, DiskError):
+                outcome.kind = Kind.PAUSE
         except Exception as exc:  # a bug or an unforeseen fault: leave it pending
             log.exception(
                 "task %s/%s: unexpected error; left pending for a retry", brief(rid), brief(iid)
@@ -145,7 +147,7 @@ class Pipeline:
 
     def _load_and_encode(self, outcome: Outcome) -> None:
         started = time.perf_counter()
-        task = parse_task(outcome.entry.task, self.rules)
+        task = parse_task(outcome.entry.payload, self.rules)
         outcome.shm_name = task.shm_name
 
         def encode_frame(frame: frames.Frame) -> tuple[float, bytes]:

@@ -20,7 +20,6 @@ own buffer). From the push on, the returner owns them and unlinks them.
 from __future__ import annotations
 
 import _posixshmem
-import contextlib
 import errno
 import json
 import os
@@ -32,11 +31,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from returner.errors import RedisUnavailable, ReturnerError
-from returner.stream import Server, translated
+from returner.connection import Replication, Server
+from returner.errors import ReturnerError
+from returner.frames import unlink
+from returner.task import ORDERS_BY_CHANNELS
 
 SEGMENT_PREFIX = "img_shm_"
-ORDERS = {1: ("GRAY",), 3: ("RGB", "BGR"), 4: ("RGBA", "BGRA")}
 Frame = npt.NDArray[np.uint8]
 Item = tuple[Frame, str, str] | tuple[Frame, str, str, str | None]
 
@@ -109,9 +109,9 @@ def check_frame(frame: Frame, channel_order: str | None) -> Frame:
     if frame.ndim not in (2, 3) or frame.size == 0:
         raise InvalidFrame(f"shape {frame.shape}: a frame is H x W or H x W x C")
     channels = frame.shape[2] if frame.ndim == 3 else 1
-    if channels not in ORDERS:
+    if channels not in ORDERS_BY_CHANNELS:
         raise InvalidFrame(f"shape {frame.shape}: 1, 3 or 4 channels")
-    if channel_order is not None and channel_order not in ORDERS[channels]:
+    if channel_order is not None and channel_order not in ORDERS_BY_CHANNELS[channels]:
         raise InvalidFrame(f"channel_order {channel_order} does not fit {channels} channel(s)")
     return np.ascontiguousarray(frame)
 
@@ -136,16 +136,11 @@ def put_segment(frame: Frame) -> str:
         while offset < len(view):
             offset += os.pwrite(fd, view[offset:], offset)
     except BaseException:
-        unlink_segment(name)
+        unlink(name)
         raise
     finally:
         os.close(fd)
     return name
-
-
-def unlink_segment(name: str) -> None:
-    with contextlib.suppress(OSError):
-        _posixshmem.shm_unlink("/" + name)
 
 
 class Producer:
@@ -163,7 +158,7 @@ class Producer:
         (up to `wait_timeout_ms`). `cluster` None asks the server."""
         self.server = Server(redis_url, cluster)
         self.queue = queue
-        self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
+        self.replication = Replication(wait_replicas, wait_timeout_ms)
 
     def publish(
         self, frame: Frame, request_id: str, image_id: str, channel_order: str | None = None
@@ -195,27 +190,20 @@ class Producer:
             replicas = self._push([t.message for t in tasks])
         except BaseException:
             for task in tasks:
-                unlink_segment(task.shm_name)
+                unlink(task.shm_name)
             raise
-        if replicas is not None and replicas < self.wait_replicas:
-            raise NotReplicated(tasks, self.wait_replicas, replicas)
+        if replicas is not None and replicas < self.replication.replicas:
+            raise NotReplicated(tasks, self.replication.replicas, replicas)
         return tasks
 
     def _push(self, messages: list[bytes]) -> int | None:
         """RPUSH the messages in one command; the replicas that confirmed, if asked."""
         if not messages:
             return None
-        try:
-            with translated("pushing tasks"):
-                client = self.server.client_for(self.queue)
-                if not self.wait_replicas:
-                    client.rpush(self.queue, *messages)
-                    return None
-                pipe = client.pipeline(transaction=False)  # WAIT counts its connection's writes
-                pipe.rpush(self.queue, *messages)
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)  # type: ignore[no-untyped-call]
-                _, got = pipe.execute()
-                return int(got)
-        except RedisUnavailable:
-            self.server.lost()
-            raise
+        with self.server.talking("pushing tasks"):
+            client = self.server.client_for(self.queue)
+            if not self.replication.replicas:
+                client.rpush(self.queue, *messages)
+                return None
+            _, got = self.replication.write(client, lambda pipe: pipe.rpush(self.queue, *messages))
+            return int(got)

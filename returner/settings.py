@@ -13,8 +13,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from returner.errors import SettingsError
+from returner.task import ChannelOrder
 
-ChannelOrder = Literal["RGB", "BGR", "RGBA", "BGRA", "GRAY"]
 Subsampling = Literal["444", "422", "420", "440", "411"]
 
 # The renderer names its segments `img_shm_<hex>`; nothing else is opened by default.
@@ -104,14 +104,7 @@ class Settings(BaseSettings):
             raise ValueError(f"not a regular expression: {exc}") from None
         return value
 
-    @field_validator(
-        "log_level",
-        "jpeg_subsampling",
-        "channel_order",
-        "log_format",
-        "output_layout",
-        mode="before",
-    )
+    @field_validator(*_CASED, mode="before")
     @classmethod
     def _normalise_case(cls, value: Any) -> Any:
         if not isinstance(value, str):

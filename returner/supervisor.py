@@ -28,7 +28,6 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, multiprocess
 
 from returner.metrics import LIVE_WITHIN_S, Health
-from returner.output import process_alive
 from returner.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +36,19 @@ REPORT_EVERY_S = 1.0
 RESTART_MIN_S, RESTART_MAX_S = 0.5, 30.0
 STEADY_AFTER_S = 30.0  # a worker that ran this long restarts without delay
 _DIR_PREFIX = "returner-metrics-"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (ours, or one we may not signal)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove_stale_dirs() -> None:

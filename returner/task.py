@@ -7,12 +7,16 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from returner.errors import BadTask
 
+ChannelOrder = Literal["RGB", "BGR", "RGBA", "BGRA", "GRAY"]
+CHANNEL_ORDERS: tuple[str, ...] = get_args(ChannelOrder)
+# The orders a frame of 1, 3 or 4 channels may be in; simplejpeg reads each natively.
+ORDERS_BY_CHANNELS = {1: ("GRAY",), 3: ("RGB", "BGR"), 4: ("RGBA", "BGRA")}
 MAX_DIMENSION = 65500  # libjpeg's limit on either side
 NAME_MAX = 255
 ECHO_MAX = 80  # characters of a message's value repeated in an error, a record or a log
@@ -48,7 +52,7 @@ class _Message(BaseModel):
     request_id: str
     image_id: str
     shm_info: _ShmInfo
-    channel_order: Literal["RGB", "BGR", "RGBA", "BGRA", "GRAY"] | None = None
+    channel_order: ChannelOrder | None = None
 
 
 @dataclass(frozen=True)
@@ -180,12 +184,9 @@ def _check_shape(shape: list[int], max_pixels: int) -> tuple[int, int, int]:
     return height, width, channels
 
 
-_ORDERS_BY_CHANNELS = {1: ("GRAY",), 3: ("RGB", "BGR"), 4: ("RGBA", "BGRA")}
-
-
 def _resolve_order(given: str | None, default: str, channels: int) -> str:
     if given is not None:
-        if given not in _ORDERS_BY_CHANNELS[channels]:
+        if given not in ORDERS_BY_CHANNELS[channels]:
             raise BadTask(f"channel_order {given} does not fit {channels} channel(s)")
         return given
     if channels == 1:
@@ -198,10 +199,10 @@ def _resolve_order(given: str | None, default: str, channels: int) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    """One delivery of a stream entry: its ID, the original list element, Redis's count."""
+    """One delivery of a stream entry: its ID, the list element as pushed, Redis's count."""
 
     id: str
-    task: bytes
+    payload: bytes
     deliveries: int
 
     @property
@@ -210,11 +211,35 @@ class Entry:
 
 
 class Kind(enum.StrEnum):
+    """How handling one delivery ended."""
+
     COMPLETED = "completed"
     DUPLICATE = "duplicate"
     FAILED = "failed"
     DEAD_LETTERED = "dead_lettered"
-    RETRY = "retry"  # transient: stays pending
+    RETRY = "retry"  # transient, this task's own: stays pending, delivered again later
+    PAUSE = "pause"  # the output is failing: the worker pauses, then tries the batch again
+
+    @property
+    def settles(self) -> bool:
+        """Whether the delivery is acknowledged (or dead-lettered) now."""
+        return self not in (Kind.RETRY, Kind.PAUSE)
+
+    @property
+    def status(self) -> str:
+        """The status of the record (and the event): completed or failed."""
+        return "completed" if self in (Kind.COMPLETED, Kind.DUPLICATE) else "failed"
+
+
+OUTCOMES = (Kind.COMPLETED, Kind.DUPLICATE, Kind.FAILED, Kind.DEAD_LETTERED)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """An encoded JPEG put where it goes, not yet under its final name or recorded."""
+
+    ref: str  # where it is now: a temp file's path
+    size: int  # bytes
 
 
 @dataclass
@@ -227,11 +252,9 @@ class Outcome:
     image_id: str | None = None
     error: str | None = None
     shm_name: str | None = None  # a segment to unlink once the outcome is durable
-    data: bytes | None = None  # the encoded JPEG, until it is written
-    temp_path: Path | None = None  # encoded JPEG, fsynced, waiting for its final name
-    disk_error: bool = False  # a RETRY caused by the output disk: pause the worker
+    data: bytes | None = None  # the encoded JPEG, until it is staged
+    staged: Staged | None = None  # the JPEG, durable, waiting for its record
     segment_missing: bool = False  # FAILED because the segment did not exist
-    size: int = 0  # JPEG bytes written
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
     @property
@@ -243,9 +266,11 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Decision:
-    """What committing an outcome decided: how it settles, and the JPEG it recorded
-    (for a duplicate, the one recorded before)."""
+    """What committing an outcome decided: how it settles, when (the timestamp its record
+    and its event share), and the JPEG it recorded (for a duplicate, the one recorded
+    before)."""
 
     outcome: Outcome
     kind: Kind
+    timestamp: str
     file_path: Path | None = None

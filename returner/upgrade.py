@@ -1,11 +1,11 @@
-"""Taking over an OUTPUT_DIR of an earlier version, once.
+"""Taking over an OUTPUT_DIR of the seed module or an earlier version, once, before
+the results open.
 
 Its results.json and the results.<UTC YYYYMMDDTHHMMSS>.json archives rotated from it are
 imported into the store in one transaction (so that of several processes starting
 together only one does it, and a process killed half way leaves the store as it was:
 the next start imports everything again). results.json is first renamed like an
-archive; archives are kept and never read again. The earlier design's leftovers are
-removed: its temp files, and JPEGs its lock file names that no record references.
+archive; archives are kept and never read again.
 """
 
 from __future__ import annotations
@@ -21,26 +21,47 @@ from pathlib import Path
 from typing import Any
 
 from returner.errors import DiskError
-from returner.output import RESULTS, OutputDir, discard, fsync_dir, process_alive
-from returner.results import Store
+from returner.files import OutputDir, fsync_dir
+from returner.store import BUSY_TIMEOUT_S, Store, timestamp
+from returner.view import RESULTS
 
 log = logging.getLogger(__name__)
 
+# The import is one transaction; other processes starting meanwhile wait this long.
+IMPORT_WAIT_S = 600.0
 _ARCHIVE = re.compile(r"results\.\d{8}T\d{6}(?:_\d+)?\.json")
-_JPEG = re.compile(r"[^/]+_\d{8}_\d{6}(?:_\d+)?\.jpg")
-_TEMP = re.compile(r"\.(\d+)-[0-9a-f]{32}\.tmp")
 
 
-def upgrade(out: OutputDir, store: Store, notes: list[str]) -> None:
-    """Import the earlier results files of `out` and remove the earlier design's
-    leftovers; `notes` are the JPEG names its lock file held. Raises DiskError (a file
-    that is not a JSON array names itself)."""
+def take_over(out: OutputDir, store: Store) -> None:
+    """Import the earlier results files of `out` unless done already. Raises DiskError
+    (a file that is not a JSON array names itself)."""
+    if store.imported:
+        return
     started = time.perf_counter()
-    total = store.import_records(lambda: _archives(out))
+    total = _import(out, store)
     if total:
         rate = total / max(time.perf_counter() - started, 1e-9)
         log.info("imported %d earlier records (%.0f/s)", total, rate)
-    _remove_leftovers(out, store, notes)
+
+
+def _import(out: OutputDir, store: Store) -> int:
+    """Take in every archive in one transaction, then index; the records taken in.
+    Only if no other process has done it meanwhile."""
+    total = 0
+    store.db.execute(f"PRAGMA busy_timeout = {int(IMPORT_WAIT_S * 1000)}")
+    try:
+        with store.transaction("importing earlier results") as tx:
+            if store.imported:  # another process did it while we waited
+                return 0
+            for name, records in _archives(out):
+                rows = [legacy_row(r) for r in records if isinstance(r, dict)]
+                tx.insert_rows(rows)
+                total += len(rows)
+                log.info("imported %d records from %s (%d so far)", len(rows), name, total)
+            tx.mark_imported()
+    finally:
+        store.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    return total
 
 
 def _archives(out: OutputDir) -> Iterator[tuple[str, list[Any]]]:
@@ -75,12 +96,35 @@ def _read(path: Path) -> tuple[str, list[Any]]:
     return path.name, records
 
 
-def _remove_leftovers(out: OutputDir, store: Store, notes: list[str]) -> None:
-    for name in filter(_JPEG.fullmatch, notes):
-        if not store.references(str(out.path / name)):
-            log.warning("removing orphan %s (its writer died before recording it)", name)
-            discard(out.here(name))
-    for entry in os.scandir(out.root):
-        match = _TEMP.fullmatch(entry.name)
-        if match and entry.is_file(follow_symlinks=False) and not process_alive(int(match[1])):
-            discard(entry.path)
+def legacy_row(record: dict[str, Any]) -> tuple[str | None, ...]:
+    """An entry of an earlier results.json as a row of the store (entry_id unknown)."""
+    status = "completed" if record.get("status") == "completed" else "failed"
+    return (
+        utc_timestamp(_as_text(record.get("timestamp")) or ""),
+        _as_text(record.get("request_id")),
+        _as_text(record.get("image_id")),
+        _as_text(record.get("file_path")),
+        status,
+        None if status == "completed" else _as_text(record.get("error")) or "failed",
+        None,
+    )
+
+
+def utc_timestamp(value: str) -> str:
+    """An earlier version's timestamp as the store writes them: UTC, with microseconds.
+
+    The seed wrote local time without an offset: taken as this host's local time. A
+    value that is not ISO-8601 is kept as it is.
+    """
+    if len(value) == 32 and value.endswith("+00:00"):
+        return value  # already so
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    return timestamp(moment)
+
+
+def _as_text(value: Any) -> str | None:
+    """A legacy JSON value as the text a record holds (a number is written out)."""
+    return value if isinstance(value, str) else None if value is None else str(value)

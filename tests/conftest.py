@@ -24,14 +24,14 @@ import pytest
 import redis
 
 from returner import frames as shm
+from returner import upgrade
+from returner.commit import Committer
 from returner.embedded import EmbeddedRedis, redis_server_binary
 from returner.errors import DiskError
-from returner.output import Results
 from returner.producer import put_segment, task_message
-from returner.results import Store
 from returner.settings import Settings
-from returner.stream import Settlement
-from returner.task import Entry
+from returner.store import Store, timestamp
+from returner.task import Decision, Entry, Kind, Outcome
 
 
 def server_binaries() -> list[str]:
@@ -214,22 +214,38 @@ def count_records(output_dir: Path) -> int:
         store.close()
 
 
-def acked(*entries: Entry) -> list[Settlement]:
-    """Settlements that ack these entries as completed (with empty ids in their events)."""
-    return [Settlement(entry, "completed") for entry in entries]
+def settled(kind: Kind, entry: Entry, request_id: str | None = None,
+            image_id: str | None = None, file_path: str | None = None,
+            error: str | None = None) -> Decision:
+    """A decision to settle `entry` as `kind`, as a commit makes them."""
+    path = Path(file_path) if file_path else None
+    return Decision(Outcome(entry, kind, request_id, image_id, error), kind, timestamp(), path)
+
+
+def acked(*entries: Entry) -> list[Decision]:
+    """Decisions that ack these entries as completed (with empty ids in their events)."""
+    return [settled(Kind.COMPLETED, entry) for entry in entries]
 
 
 def dead_lettered(entry: Entry, error: str, request_id: str | None = None,
-         image_id: str | None = None) -> list[Settlement]:
-    """The settlement that dead-letters one failed entry."""
-    return [Settlement(entry, "failed", request_id, image_id, None, error)]
+         image_id: str | None = None) -> list[Decision]:
+    """The decision that dead-letters one failed entry."""
+    return [settled(Kind.FAILED, entry, request_id, image_id, None, error)]
+
+
+def open_results(directory: Path, **options: Any) -> Committer:
+    """`Committer.at(directory, ...)` opened as the service opens it: an earlier
+    version's results taken over first."""
+    results = Committer.at(directory, **options)
+    upgrade.take_over(results.out, results.store)
+    results.open()
+    return results
 
 
 @contextlib.contextmanager
-def opened(directory: Path, **options: Any) -> Iterator[Results]:
-    """`Results` of `directory`, opened, and closed on leaving."""
-    results = Results(directory, **options)
-    results.open()
+def opened(directory: Path, **options: Any) -> Iterator[Committer]:
+    """The results of `directory`, opened, and closed on leaving."""
+    results = open_results(directory, **options)
     try:
         yield results
     finally:

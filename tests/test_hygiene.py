@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 import redis
 
+from returner.commit import Committer
 from returner.errors import DiskError
 from returner.metrics import Metrics
-from returner.output import Results
 from returner.settings import Settings
-from returner.stream import Consumer, Keys, Observation, Stream
+from returner.stream import Consumer, ConsumerInfo, Keys, Observation
 from returner.worker import Worker
 from tests.conftest import Frames, acked, random_frame, read_results, wait_for
 from tests.e2e.conftest import base_env, run_cli
@@ -58,10 +58,10 @@ def wait_silent(client: redis.Redis, queue: str, names: list[str]) -> None:
     wait_for(silent, timeout=15, interval=0.05, what=f"{names} silent for {TIMEOUT_MS} ms")
 
 
-def member(client: redis.Redis, queue: str, name: str) -> Stream:
+def member(client: redis.Redis, queue: str, name: str) -> Consumer:
     """A consumer of the group (it joins on its first read)."""
-    stream = Stream(client, queue, GROUP, name)
-    stream.ensure_group()
+    stream = Consumer(client, queue, GROUP, name)
+    stream.stream.ensure_group()
     return stream
 
 
@@ -74,7 +74,7 @@ def join(client: redis.Redis, queue: str, name: str) -> None:
 @contextlib.contextmanager
 def observer(settings: Settings, client: redis.Redis) -> Iterator[Worker]:
     """A worker whose loop does not run: the test calls `observe()` itself."""
-    stream = Stream(client, settings.hosting_tasks_queue, GROUP, settings.consumer_name)
+    stream = Consumer(client, settings.hosting_tasks_queue, GROUP, settings.consumer_name)
     worker = Worker(settings, stream, Metrics(), threading.Event())
     worker.start()
     try:
@@ -107,16 +107,16 @@ def test_a_silent_consumer_holding_nothing_is_removed_but_never_the_worker_itsel
     with observer(settings, each_redis) as worker:
         join(each_redis, queue, "ghost")  # joins the group, then falls silent
         join(each_redis, queue, "observer")  # the worker itself, silent too
-        assert worker.observe() == []
+        assert worker.survey() == []
         assert set(members(each_redis, queue)) == {"ghost", "observer"}, "removed too early"
 
         wait_silent(each_redis, queue, ["ghost", "observer"])
         with caplog.at_level(logging.INFO, logger="returner.worker"):
-            assert worker.observe() == []
+            assert worker.survey() == []
         assert set(members(each_redis, queue)) == {"observer"}
         assert removed_in(caplog.text) == ["ghost"]
         assert members(each_redis, queue)["observer"]["idle"] >= TIMEOUT_MS
-        assert worker.observe() == []
+        assert worker.survey() == []
         assert set(members(each_redis, queue)) == {"observer"}
 
 
@@ -133,18 +133,18 @@ def test_a_silent_consumer_holding_entries_leaves_only_once_they_are_taken_over(
 
     with observer(settings, each_redis) as worker:
         wait_silent(each_redis, queue, ["ghost"])
-        first = worker.observe()  # rescued one at a time: each is a suspect
+        first = worker.survey()  # rescued one at a time: each is a suspect
         assert [(e.id, e.deliveries) for e in first] == [(taken[0].id, 2)]
         assert members(each_redis, queue)["ghost"]["pending"] == 1, "removed while holding one"
         worker.handle(first)
 
-        second = worker.observe()
+        second = worker.survey()
         assert [(e.id, e.deliveries) for e in second] == [(taken[1].id, 2)]
         ghost = members(each_redis, queue).get("ghost")
         assert ghost is not None and ghost["pending"] == 0
         worker.handle(second)
 
-        assert worker.observe() == []  # silent and empty now: removed
+        assert worker.survey() == []  # silent and empty now: removed
         assert "ghost" not in members(each_redis, queue)
 
     results = read_results(output_dir)
@@ -167,9 +167,9 @@ def test_removal_checks_again_that_the_consumer_holds_nothing(
     [entry] = ghost.fetch(10)
     with observer(settings, each_redis) as worker:
         assert worker.stream.forget("ghost") is False
-        stale = Observation(0, 0, 0, None, [Consumer("ghost", 0, 10 * TIMEOUT_MS)])
+        stale = Observation(0, 0, 0, None, [ConsumerInfo("ghost", 0, 10 * TIMEOUT_MS)])
         monkeypatch.setattr(worker.stream, "observe", lambda: stale)
-        assert worker.observe() == []
+        assert worker.survey() == []
         assert members(each_redis, queue)["ghost"]["pending"] == 1
         rows: Any = each_redis.xpending_range(
             Keys.for_queue(queue).stream, GROUP, "-", "+", 10, consumername="ghost"
@@ -190,7 +190,7 @@ def test_forget_reports_a_consumer_that_is_not_there(
     therefore both log it as removed."""
     queue = settings.hosting_tasks_queue
     stream = member(each_redis, queue, "observer")
-    assert stream.forget("never-joined") is False
+    assert stream.stream.forget("never-joined") is False
 
 
 def test_a_live_consumer_holding_entries_is_neither_removed_nor_rescued(
@@ -206,14 +206,14 @@ def test_a_live_consumer_holding_entries_is_neither_removed_nor_rescued(
     its entries alone, while it does remove a silent consumer meanwhile."""
     disk_down = threading.Event()
     disk_down.set()
-    commit = Results.commit
+    commit = Committer.commit
 
-    def failing_commit(self: Results, outcomes: Any) -> Any:
+    def failing_commit(self: Committer, outcomes: Any) -> Any:
         if disk_down.is_set():
             raise DiskError("output disk failing (test)")
         return commit(self, outcomes)
 
-    monkeypatch.setattr(Results, "commit", failing_commit)
+    monkeypatch.setattr(Committer, "commit", failing_commit)
     busy = make_settings(CONSUMER_TIMEOUT_MS=TIMEOUT_MS, CONSUMER_NAME="busy")
     queue = busy.hosting_tasks_queue
     join(r, queue, "ghost")  # silent from now on: the clock of this test
@@ -225,7 +225,7 @@ def test_a_live_consumer_holding_entries_is_neither_removed_nor_rescued(
 
         def ghost_removed() -> bool:
             nonlocal looks
-            assert other.observe() == [], "entries taken from a live worker"
+            assert other.survey() == [], "entries taken from a live worker"
             looks += 1
             now = members(r, queue)
             assert now.get("busy", {}).get("pending") == 2, (

@@ -21,7 +21,7 @@ from returner import pipeline as pipeline_module
 from returner.logs import JsonFormatter
 from returner.metrics import Health, Metrics, MetricsServer
 from returner.settings import Settings
-from returner.stream import Stream
+from returner.stream import Consumer
 from returner.worker import Worker
 from tests.conftest import Frames, random_frame, wait_for
 
@@ -49,7 +49,7 @@ def serve(redis_url: str) -> Iterator[Callable[[Settings], Served]]:
     started: list[tuple[threading.Event, threading.Thread, MetricsServer]] = []
 
     def start(settings: Settings) -> Served:
-        stream = Stream(redis.Redis.from_url(redis_url), settings.hosting_tasks_queue,
+        stream = Consumer(redis.Redis.from_url(redis_url), settings.hosting_tasks_queue,
                         settings.consumer_group, settings.consumer_name)
         metrics, stop = Metrics(), threading.Event()
         health = Health(stuck_after_s=settings.stuck_after_ms / 1000)
@@ -100,8 +100,8 @@ def test_metrics_after_known_work(serve, make_settings, r: redis.Redis, queue: s
 
 
 def test_queue_gauges(serve, make_settings, r: redis.Redis, queue: str) -> None:
-    ghost = Stream(r, queue, "returner", "ghost")
-    ghost.ensure_group()
+    ghost = Consumer(r, queue, "returner", "ghost")
+    ghost.stream.ensure_group()
     r.rpush(queue, b"a", b"b")
     ghost.fetch(2)
     served = serve(make_settings(CONSUMER_TIMEOUT_MS=600_000, CLAIM_MIN_IDLE_MS=600_000))
@@ -120,7 +120,7 @@ def test_not_ready_until_redis_answers(tmp_path: Path) -> None:
     settings = Settings(_env_file=None, REDIS_URL="redis://127.0.0.1:1/0",  # type: ignore[call-arg]
                         OUTPUT_DIR=tmp_path, METRICS_PORT=0)
     health, metrics, stop = Health(), Metrics(), threading.Event()
-    worker = Worker(settings, Stream(redis.Redis.from_url(settings.redis_url or ""),
+    worker = Worker(settings, Consumer(redis.Redis.from_url(settings.redis_url or ""),
                                      "q", "returner", "c"), metrics, stop, health)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()

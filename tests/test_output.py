@@ -17,11 +17,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from returner import output
+from returner import commit, files
+from returner.commit import Committer
 from returner.errors import DiskError
-from returner.output import TEMPS, Results, file_name, safe_stem
+from returner.files import TEMPS, file_name, safe_stem
+from returner.output import LocalFiles
 from returner.task import Entry, Kind, Outcome
-from tests.conftest import read_results, wait_for
+from tests.conftest import open_results, read_results, wait_for
 
 MILLIS = 1_732_000_000_000  # 2024-11-19 07:06:40 UTC
 STAMP = "20241119_070640"
@@ -117,20 +119,19 @@ def entry(millis: int = MILLIS, seq: int = 0) -> Entry:
     return Entry(f"{millis}-{seq}", b"{}", 1)
 
 
-def completed(results: Results, request_id: str, image_id: str, millis: int = MILLIS) -> Outcome:
-    temp = results.out.write_jpeg(f"{request_id}/{image_id}".encode())
-    return Outcome(entry(millis), Kind.COMPLETED, request_id, image_id, temp_path=temp)
+def completed(results: Committer, request_id: str, image_id: str, millis: int = MILLIS) -> Outcome:
+    temp = results.output.stage(f"{request_id}/{image_id}".encode())
+    return Outcome(entry(millis), Kind.COMPLETED, request_id, image_id, staged=temp)
 
 
 @pytest.fixture
-def results(tmp_path: Path) -> Iterator[Results]:
-    opened = Results(tmp_path / "out")
-    opened.open()
+def results(tmp_path: Path) -> Iterator[Committer]:
+    opened = open_results(tmp_path / "out")
     yield opened
     opened.close()
 
 
-def temp_files(results: Results) -> list[str]:
+def temp_files(results: Committer) -> list[str]:
     return [p.name for p in results.out.temps.iterdir()]
 
 
@@ -140,7 +141,7 @@ def test_far_future_entry_ids_still_get_a_name() -> None:
 
 
 def test_a_failing_store_forgets_the_batch_and_its_jpegs(
-    results: Results, monkeypatch: pytest.MonkeyPatch
+    results: Committer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     results.commit([completed(results, "r0", "i0")])
     lost = completed(results, "r1", "i1", millis=MILLIS + 1000)
@@ -162,7 +163,7 @@ def test_a_failing_store_forgets_the_batch_and_its_jpegs(
 
 
 def test_a_failure_after_the_commit_keeps_the_record_and_its_jpeg(
-    results: Results, monkeypatch: pytest.MonkeyPatch
+    results: Committer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The records are durable before the JPEGs are renamed: a failing rename raises (so
     nothing is acked), and the retry finds a duplicate whose file is then in place."""
@@ -172,7 +173,7 @@ def test_a_failure_after_the_commit_keeps_the_record_and_its_jpeg(
         raise OSError(5, "Input/output error")
 
     with monkeypatch.context() as patched:
-        patched.setattr(output, "fsync_dir", failing)
+        patched.setattr(files, "fsync_dir", failing)
         with pytest.raises(DiskError):
             results.commit([task])
     assert results.is_completed(("r0", "i0"))
@@ -185,13 +186,12 @@ def test_a_failure_after_the_commit_keeps_the_record_and_its_jpeg(
     assert results.store.db.execute("SELECT count(*) FROM moves").fetchone() == (0,)
 
 
-def test_a_live_writers_temp_directory_is_left_alone(results: Results) -> None:
-    other = Results(results.out.path)
-    other.open()
+def test_a_live_writers_temp_directory_is_left_alone(results: Committer) -> None:
+    other = open_results(results.out.path)
     try:
-        temp = other.out.write_jpeg(b"in flight")
-        results.sweep(results.store.db)
-        assert temp.exists()
+        temp = other.output.stage(b"in flight")
+        results.output.sweep(results.store, results.store.db)
+        assert Path(temp.ref).exists()
     finally:
         other.close()
     assert sorted(p.name for p in (results.out.path / TEMPS).iterdir()) == [results.out.writer]
@@ -199,25 +199,24 @@ def test_a_live_writers_temp_directory_is_left_alone(results: Results) -> None:
 
 def sweep_dead_writer(directory: str) -> None:
     """A child that writes a temp file and dies without cleaning up."""
-    child = Results(Path(directory))
-    child.open()
-    child.out.write_jpeg(b"half done")
+    child = open_results(Path(directory))
+    child.output.stage(b"half done")
     os._exit(0)
 
 
-def test_a_dead_writers_temp_files_are_removed(results: Results) -> None:
+def test_a_dead_writers_temp_files_are_removed(results: Committer) -> None:
     child = multiprocessing.get_context("spawn").Process(
         target=sweep_dead_writer, args=(str(results.out.path),))
     child.start()
     child.join(30)
     assert child.exitcode == 0
     assert len(list((results.out.path / TEMPS).iterdir())) == 2
-    results.sweep(results.store.db)
+    results.output.sweep(results.store, results.store.db)
     assert [p.name for p in (results.out.path / TEMPS).iterdir()] == [results.out.writer]
 
 
 def test_a_writer_starting_while_another_sweeps_gets_a_directory_of_its_own(
-    results: Results,
+    results: Committer,
 ) -> None:
     """A sweeper can see a new temp directory before its writer has locked it, and
     remove it: the starting writer then takes another name instead of failing."""
@@ -226,7 +225,7 @@ def test_a_writer_starting_while_another_sweeps_gets_a_directory_of_its_own(
     def sweep() -> None:
         while not stop.is_set():
             for writer in results.out.dead_writers():
-                output.remove_tree(results.out.temps_root / writer)
+                files.remove_tree(results.out.temps_root / writer)
 
     sweeper = threading.Thread(target=sweep)
     switching = sys.getswitchinterval()
@@ -234,7 +233,7 @@ def test_a_writer_starting_while_another_sweeps_gets_a_directory_of_its_own(
     sweeper.start()
     try:
         for _ in range(300):
-            out = output.OutputDir(results.out.path)
+            out = files.OutputDir(results.out.path)
             assert (out.temps_root / out.writer).is_dir()
             out.close()
     finally:
@@ -244,16 +243,16 @@ def test_a_writer_starting_while_another_sweeps_gets_a_directory_of_its_own(
 
 
 def test_an_unforeseen_error_in_one_outcome_leaves_the_rest_committed(
-    results: Results, monkeypatch: pytest.MonkeyPatch
+    results: Committer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    free_name = Results._free_name
+    free_name = LocalFiles._free_name
 
-    def buggy(self: Results, tx: Any, image_id: str, millis: int) -> Path:
+    def buggy(self: LocalFiles, tx: Any, image_id: str, millis: int) -> Path:
         if image_id == "bug":
             raise RuntimeError("a bug in naming")
         return free_name(self, tx, image_id, millis)
 
-    monkeypatch.setattr(Results, "_free_name", buggy)
+    monkeypatch.setattr(LocalFiles, "_free_name", buggy)
     batch = [completed(results, "r", "before"), completed(results, "r", "bug"),
              completed(results, "r", "after")]
     kinds = [d.kind for d in results.commit(batch)]
@@ -267,8 +266,7 @@ def test_an_unforeseen_error_in_one_outcome_leaves_the_rest_committed(
 def test_output_dir_swapped_for_a_link_while_running_redirects_nothing(tmp_path: Path) -> None:
     """Finding 6: the service works through a descriptor of OUTPUT_DIR held since start."""
     real, moved, elsewhere = tmp_path / "out", tmp_path / "moved", tmp_path / "elsewhere"
-    results = Results(real)
-    results.open()
+    results = open_results(real)
     try:
         os.rename(real, moved)
         elsewhere.mkdir()
@@ -285,8 +283,7 @@ def test_output_dir_swapped_for_a_link_while_running_redirects_nothing(tmp_path:
 def test_the_view_is_written_at_most_about_once_a_second(tmp_path: Path) -> None:
     """Each version of results.json reaches the disk: under a steady trickle of commits
     it is replaced on a schedule, not after every commit."""
-    results = Results(tmp_path / "out")
-    results.open()
+    results = open_results(tmp_path / "out")
     view = results.out.path / "results.json"
     versions: set[tuple[int, int]] = set()
     started = time.monotonic()
@@ -300,4 +297,4 @@ def test_the_view_is_written_at_most_about_once_a_second(tmp_path: Path) -> None
     finally:
         results.close()
     elapsed = time.monotonic() - started
-    assert len(versions) <= elapsed / output.VIEW_EVERY_S + 2, (len(versions), elapsed)
+    assert len(versions) <= elapsed / commit.VIEW_EVERY_S + 2, (len(versions), elapsed)

@@ -19,14 +19,18 @@ from typing import Any
 import pytest
 import simplejpeg
 
-from returner import output
+from returner import commit
+from returner.commit import Committer
 from returner.errors import DiskError
-from returner.output import LOCK, RESULTS, TEMPS, Results
-from returner.results import EXPORT_STEP, PRUNE_STEP, STORE, Record, Store
-from returner.task import Decision, Entry, Kind, Outcome
+from returner.files import TEMPS
+from returner.output import LocalFiles
+from returner.store import EXPORT_STEP, PRUNE_STEP, STORE, Record, Store
+from returner.task import Entry, Kind, Outcome
+from returner.view import LOCK, RESULTS
 from tests.conftest import (
     CLEAN_DOT_FILES,
     dot_files,
+    open_results,
     opened,
     random_frame,
     read_results,
@@ -45,12 +49,12 @@ def jpeg(seed: int = 0) -> bytes:
     return bytes(simplejpeg.encode_jpeg(random_frame((32, 48, 3), seed=seed), quality=80))
 
 
-def completed(results: Results, request_id: str, image_id: str, millis: int = MILLIS,
+def completed(results: Committer, request_id: str, image_id: str, millis: int = MILLIS,
               seq: int = 0, data: bytes | None = None) -> Outcome:
     """An encoded frame, fsynced at its temp name, ready to commit."""
-    temp = results.out.write_jpeg(data if data is not None else jpeg())
+    temp = results.output.stage(data if data is not None else jpeg())
     entry = Entry(f"{millis}-{seq}", b"{}", 1)
-    return Outcome(entry, Kind.COMPLETED, request_id, image_id, temp_path=temp)
+    return Outcome(entry, Kind.COMPLETED, request_id, image_id, staged=temp)
 
 
 def failed(request_id: str | None, image_id: str | None, millis: int = MILLIS,
@@ -89,12 +93,12 @@ def outdir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def results(outdir: Path) -> Iterator[Results]:
+def results(outdir: Path) -> Iterator[Committer]:
     with opened(outdir) as res:
         yield res
 
 
-def test_two_deliveries_in_one_commit_record_one_completion(results: Results,
+def test_two_deliveries_in_one_commit_record_one_completion(results: Committer,
                                                             outdir: Path) -> None:
     first = completed(results, "req", "img", seq=0, data=jpeg(1))
     second = completed(results, "req", "img", seq=1, data=jpeg(2))
@@ -102,7 +106,7 @@ def test_two_deliveries_in_one_commit_record_one_completion(results: Results,
     assert [d.kind for d in decided] == [Kind.COMPLETED, Kind.DUPLICATE]
     assert decided[0].file_path == decided[1].file_path == outdir / f"img_{STAMP}.jpg"
     assert decided[0].file_path.read_bytes() == jpeg(1)
-    assert second.temp_path is not None and not second.temp_path.exists()
+    assert second.staged is not None and not Path(second.staged.ref).exists()
     assert len(completed_records(outdir, "req", "img")) == 1
     assert temp_files(outdir) == []
 
@@ -116,7 +120,7 @@ def test_a_second_instance_on_the_directory_answers_duplicate_with_the_recorded_
         again = completed(second, "req", "画像_01", seq=1, data=jpeg(2))
         [dup] = second.commit([again])
         assert dup.kind is Kind.DUPLICATE and dup.file_path == done.file_path
-        assert again.temp_path is not None and not again.temp_path.exists()
+        assert again.staged is not None and not Path(again.staged.ref).exists()
     assert done.file_path is not None and done.file_path.read_bytes() == jpeg(1)
     assert len(completed_records(outdir, "req", "画像_01")) == 1
     assert sorted(p.name for p in outdir.glob("*.jpg")) == [done.file_path.name]
@@ -124,8 +128,7 @@ def test_a_second_instance_on_the_directory_answers_duplicate_with_the_recorded_
 
 def race(directory: str, name: str, keys: int, ready: Any, answers: Any) -> None:
     """In a child process: commit every key once, each in its own commit, after a barrier."""
-    results = Results(Path(directory))
-    results.open()
+    results = open_results(Path(directory))
     try:
         ready.wait()
         decided: list[tuple[str, str | None]] = []
@@ -201,7 +204,7 @@ def test_two_processes_racing_on_the_same_tasks_complete_each_task_once(outdir: 
     assert temp_files(outdir) == [] and moves(outdir) == []
 
 
-def test_a_failure_after_a_completion_is_a_duplicate_carrying_the_file(results: Results,
+def test_a_failure_after_a_completion_is_a_duplicate_carrying_the_file(results: Committer,
                                                                        outdir: Path) -> None:
     [done] = results.commit([completed(results, "req", "img")])
     [late] = results.commit([failed("req", "img", seq=1, error="segment is gone")])
@@ -209,7 +212,7 @@ def test_a_failure_after_a_completion_is_a_duplicate_carrying_the_file(results: 
     assert [r["status"] for r in read_results(outdir)] == ["completed"]
 
 
-def test_a_completion_after_a_failure_is_recorded(results: Results, outdir: Path) -> None:
+def test_a_completion_after_a_failure_is_recorded(results: Committer, outdir: Path) -> None:
     [first] = results.commit([failed("req", "img")])
     [then] = results.commit([completed(results, "req", "img", seq=1)])
     assert (first.kind, then.kind) == (Kind.FAILED, Kind.COMPLETED)
@@ -219,7 +222,7 @@ def test_a_completion_after_a_failure_is_recorded(results: Results, outdir: Path
     assert "error" not in records[1] and records[1]["entry_id"] == f"{MILLIS}-1"
 
 
-def test_a_failure_without_readable_ids_is_recorded_with_null_ids(results: Results,
+def test_a_failure_without_readable_ids_is_recorded_with_null_ids(results: Committer,
                                                                    outdir: Path) -> None:
     [d] = results.commit([failed(None, None, error="message is not JSON")])
     assert d.kind is Kind.FAILED
@@ -246,7 +249,7 @@ def test_a_name_another_tasks_record_holds_gets_a_suffix(outdir: Path) -> None:
 
 @pytest.mark.parametrize("plant", ["file", "symlink", "dangling symlink", "fifo"])
 def test_a_name_taken_by_a_planted_entry_gets_a_suffix_and_the_entry_is_untouched(
-    results: Results, outdir: Path, tmp_path: Path, plant: str
+    results: Committer, outdir: Path, tmp_path: Path, plant: str
 ) -> None:
     name = outdir / f"img_{STAMP}.jpg"
     target = tmp_path / "target.jpg"
@@ -280,13 +283,12 @@ def commit_then_die(directory: str, request_id: str, image_id: str, millis: int,
     """In a child process: commit one completed frame, then die (like SIGKILL) where the
     JPEG would be renamed into place: the record and its move are durable, the file is not
     at its name."""
-    results = Results(Path(directory))
-    results.open()
+    results = open_results(Path(directory))
 
-    def die(_self: Results, _completed: list[Decision]) -> None:
+    def die(_self: LocalFiles, _placed: list[Any]) -> None:
         os._exit(9)
 
-    Results._place = die  # type: ignore[method-assign]
+    LocalFiles.finish = die  # type: ignore[method-assign]
     results.commit([completed(results, request_id, image_id, millis=millis, data=data)])
     os._exit(0)  # not reached
 
@@ -325,7 +327,7 @@ def test_the_next_open_finishes_the_moves_of_a_writer_killed_after_its_commit(
 @pytest.fixture
 def no_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
     """The running sweep happens every few seconds; these tests act before any."""
-    monkeypatch.setattr(output, "SWEEP_EVERY_S", 3600.0)
+    monkeypatch.setattr(commit, "SWEEP_EVERY_S", 3600.0)
 
 
 @pytest.mark.usefixtures("no_sweeps")
@@ -544,7 +546,7 @@ def test_a_retention_step_reads_the_head_of_the_history_not_all_of_it(tmp_path: 
     assert large < 2 * small, f"{small} steps for 10,000 records, {large} for 100,000"
 
 
-def test_counts_follow_commits(results: Results) -> None:
+def test_counts_follow_commits(results: Committer) -> None:
     assert results.store.counts() == {"total": 0}
     results.commit([completed(results, "r", f"i{i}", seq=i) for i in range(3)])
     results.commit([failed("r", "bad")])
@@ -584,7 +586,7 @@ def test_results_json_holds_the_latest_records_oldest_first(outdir: Path) -> Non
                    "entry_id"})}
 
 
-def test_results_json_follows_each_commit_within_about_a_second(results: Results,
+def test_results_json_follows_each_commit_within_about_a_second(results: Committer,
                                                                 outdir: Path) -> None:
     for i in range(3):
         results.commit([completed(results, "req", f"img_{i}", seq=i)])

@@ -12,9 +12,9 @@ from typing import Any
 
 import redis
 
-from returner.stream import Keys, Settlement, Settling, Stream
-from returner.task import Entry
-from tests.conftest import acked, dead_lettered, wait_for
+from returner.stream import Consumer, Keys, Settling, Stream
+from returner.task import Entry, Kind
+from tests.conftest import acked, dead_lettered, settled, wait_for
 
 GROUP = "g"
 # Payloads the mirror must carry byte for byte: invalid UTF-8, NUL, empty, multi-byte.
@@ -25,13 +25,13 @@ def fresh_queue() -> str:
     return f"test:{uuid.uuid4().hex[:12]}"
 
 
-def make(client: redis.Redis, queue: str, consumer: str = "c1") -> Stream:
-    stream = Stream(client, queue, GROUP, consumer)
-    stream.ensure_group()
-    return stream
+def make(client: redis.Redis, queue: str, consumer: str = "c1") -> Consumer:
+    member = Consumer(client, queue, GROUP, consumer)
+    member.stream.ensure_group()
+    return member
 
 
-def pel(client: redis.Redis, stream: Stream) -> dict[str, tuple[str, int]]:
+def pel(client: redis.Redis, stream: Consumer) -> dict[str, tuple[str, int]]:
     """Every pending entry of the group: ID -> (consumer, delivery count)."""
     rows: list[dict[str, Any]] = client.xpending_range(stream.keys.stream, GROUP, "-", "+", 1000)
     return {
@@ -40,7 +40,7 @@ def pel(client: redis.Redis, stream: Stream) -> dict[str, tuple[str, int]]:
     }
 
 
-def idle_ms(client: redis.Redis, stream: Stream, entry_id: str) -> int:
+def idle_ms(client: redis.Redis, stream: Consumer, entry_id: str) -> int:
     rows = client.xpending_range(stream.keys.stream, GROUP, entry_id, entry_id, 1)
     return int(rows[0]["time_since_delivered"])
 
@@ -50,7 +50,7 @@ def xrange(client: redis.Redis, key: str) -> list[tuple[bytes, dict[bytes, bytes
     return rows
 
 
-def stream_tasks(client: redis.Redis, stream: Stream) -> list[bytes]:
+def stream_tasks(client: redis.Redis, stream: Consumer) -> list[bytes]:
     return [fields[b"task"] for _, fields in xrange(client, stream.keys.stream)]
 
 
@@ -67,14 +67,14 @@ def test_fetch_moves_at_most_count_byte_for_byte(r: redis.Redis, queue: str) -> 
 
     first = stream.fetch(3)
 
-    assert [e.task for e in first] == PAYLOADS[:3]
+    assert [e.payload for e in first] == PAYLOADS[:3]
     assert all(e.deliveries == 1 for e in first)
     assert r.lrange(queue, 0, -1) == PAYLOADS[3:]
     assert stream_tasks(r, stream) == PAYLOADS[:3]
     assert pel(r, stream) == {e.id: ("c1", 1) for e in first}
 
     rest = stream.fetch(10)
-    assert [e.task for e in rest] == PAYLOADS[3:]
+    assert [e.payload for e in rest] == PAYLOADS[3:]
     assert r.llen(queue) == 0
     assert stream.fetch(10) == []
 
@@ -133,7 +133,8 @@ def test_own_pending_rereads_with_rising_delivery_counts(r: redis.Redis, queue: 
     other.fetch(1)
 
     entries, last, gone = mine.own_pending("0", 10)
-    assert [(e.id, e.task, e.deliveries) for e in entries] == [(e.id, e.task, 2) for e in fetched]
+    assert [(e.id, e.payload, e.deliveries) for e in entries] == [
+        (e.id, e.payload, 2) for e in fetched]
     assert (last, gone) == (fetched[-1].id, 0)
 
     again, _, _ = mine.own_pending("0", 10)
@@ -165,7 +166,7 @@ def test_own_pending_acks_entries_deleted_while_pending(each_redis: redis.Redis)
 
     entries, last, gone = stream.own_pending("0", 10)
 
-    assert [(e.id, e.task) for e in entries] == [(kept.id, b"kept")]
+    assert [(e.id, e.payload) for e in entries] == [(kept.id, b"kept")]
     assert gone == 1
     assert last == kept.id
     assert pel(each_redis, stream) == {kept.id: ("c1", 2)}
@@ -187,7 +188,7 @@ def test_claim_takes_idle_entries_with_their_counts(each_redis: redis.Redis) -> 
 
     entries, next_start, gone = live.claim(300, "0-0", 10)
 
-    assert [(e.id, e.task, e.deliveries) for e in entries] == [
+    assert [(e.id, e.payload, e.deliveries) for e in entries] == [
         (old_a.id, b"\xffold-a", 2),
         (old_c.id, b"old-c", 2),
     ]
@@ -218,7 +219,7 @@ def test_ack_removes_entries_from_pel_and_stream(r: redis.Redis, queue: str) -> 
     a, b, c = stream.fetch(3)
 
     stream.settle(acked(a, c))
-    stream.settle([])
+    stream.settle(acked())
 
     assert pel(r, stream) == {b.id: ("c1", 1)}
     assert r.xlen(stream.keys.stream) == 1
@@ -247,8 +248,8 @@ def test_each_settled_entry_gets_one_event_with_the_contracts_fields(
     stream = make(r, queue)
     r.rpush(queue, b"good", b"bad")
     good, bad = stream.fetch(2)
-    done = Settlement(good, "duplicate", "req", "img-1", "/out/img-1.jpg")
-    failed = Settlement(bad, "failed", "req", "img-2", None, "no segment")
+    done = settled(Kind.DUPLICATE, good, "req", "img-1", "/out/img-1.jpg")
+    failed = settled(Kind.FAILED, bad, "req", "img-2", None, "no segment")
 
     assert stream.settle([done, failed]) == 2
 
@@ -289,8 +290,8 @@ def test_an_unsettled_entry_has_no_event(r: redis.Redis, queue: str) -> None:
 
 
 def test_events_are_capped_at_about_events_maxlen(r: redis.Redis, queue: str) -> None:
-    stream = Stream(r, queue, GROUP, "c1", settling=Settling(events_maxlen=50))
-    stream.ensure_group()
+    stream = Consumer(r, queue, GROUP, "c1", settling=Settling(events_maxlen=50))
+    stream.stream.ensure_group()
     r.rpush(queue, *[f"t{i}".encode() for i in range(1000)])
     while entries := stream.fetch(100):
         stream.settle(acked(*entries))
@@ -299,14 +300,15 @@ def test_events_are_capped_at_about_events_maxlen(r: redis.Redis, queue: str) ->
 
 
 def test_events_are_published_upstream_style_when_asked(r: redis.Redis, queue: str) -> None:
-    stream = Stream(r, queue, GROUP, "c1", settling=Settling(publish_events=True))
-    stream.ensure_group()
+    stream = Consumer(r, queue, GROUP, "c1", settling=Settling(publish_events=True))
+    stream.stream.ensure_group()
     listener = r.pubsub()
     listener.subscribe("events:req-7")
     wait_for(lambda: listener.get_message(timeout=0.1), what="the subscription")
     r.rpush(queue, b"a", b"b")
     a, b = stream.fetch(2)
-    stream.settle([Settlement(a, "completed", "req-7", "img", "/o/img.jpg")])
+    done = settled(Kind.COMPLETED, a, "req-7", "img", "/o/img.jpg")
+    stream.settle([done])
     stream.settle(dead_lettered(b, "bad shape", "req-7", "img-b"))
 
     messages = [wait_for(lambda: listener.get_message(timeout=0.1), what="an event")
@@ -324,12 +326,12 @@ def test_read_events_follows_from_an_id(r: redis.Redis, queue: str) -> None:
     r.rpush(queue, b"a", b"b", b"c")
     a, b, c = stream.fetch(3)
     stream.settle(acked(a, b))
-    first = stream.read_events()
+    first = stream.stream.read_events()
     assert [e["entry_id"] for e in first] == [a.id, b.id]
-    assert stream.read_events(first[-1].id, block_ms=10) == []
+    assert stream.stream.read_events(first[-1].id, block_ms=10) == []
     stream.settle(acked(c))
-    assert [e["entry_id"] for e in stream.read_events(first[-1].id)] == [c.id]
-    assert [e["entry_id"] for e in stream.last_events(2)] == [b.id, c.id]
+    assert [e["entry_id"] for e in stream.stream.read_events(first[-1].id)] == [c.id]
+    assert [e["entry_id"] for e in stream.stream.last_events(2)] == [b.id, c.id]
 
 
 def test_revive_moves_a_dead_letter_back_as_a_new_entry(r: redis.Redis, queue: str) -> None:
@@ -337,15 +339,16 @@ def test_revive_moves_a_dead_letter_back_as_a_new_entry(r: redis.Redis, queue: s
     r.rpush(queue, b"\xfe retry me")
     [entry] = stream.fetch(1)
     stream.settle(dead_lettered(entry, "transient"))
-    [(dead_id, _)] = stream.dead_letters(10)
+    [letter] = stream.stream.dead_letters(10)
+    dead_id = letter.id
 
-    new_id = stream.revive(dead_id)
+    new_id = stream.stream.revive(dead_id)
 
     assert new_id is not None and new_id != entry.id
     assert r.xlen(stream.keys.dead) == 0
     [again] = stream.fetch(10)
-    assert (again.id, again.task, again.deliveries) == (new_id, b"\xfe retry me", 1)
-    assert stream.revive(dead_id) is None
+    assert (again.id, again.payload, again.deliveries) == (new_id, b"\xfe retry me", 1)
+    assert stream.stream.revive(dead_id) is None
 
 
 def test_touch_resets_idle_time_without_counting_a_delivery(r: redis.Redis, queue: str) -> None:
@@ -369,32 +372,32 @@ def test_status_reports_lengths_pending_and_dead_letters(r: redis.Redis, queue: 
     quitter.settle(dead_lettered(bad, "bad"))
 
     def oldest_busy_ms() -> int:
-        by_name = {c["name"]: c for c in busy.status(10_000)["consumers"]}
-        return int(by_name["busy"]["oldest_pending_ms"] or 0)
+        by_name = {c.name: c for c in busy.stream.status(10_000).consumers}
+        return int(by_name["busy"].oldest_pending_ms or 0)
 
     wait_for(lambda: oldest_busy_ms() >= 150, 10, what="oldest pending entry 150 ms old")
-    status = busy.status(10_000)
+    status = busy.stream.status(10_000)
 
-    assert status["list_length"] == 2
-    assert status["stream_length"] == 2
-    assert status["dead_letters"] == 1
-    assert status["pending"] == 2
-    by_name = {c["name"]: c for c in status["consumers"]}
-    assert by_name["busy"]["pending"] == 2
-    assert by_name["busy"]["oldest_pending_ms"] >= 150
-    assert by_name["quitter"]["pending"] == 0
-    assert by_name["quitter"]["oldest_pending_ms"] is None
+    assert status.list_length == 2
+    assert status.stream_length == 2
+    assert status.dead_letters == 1
+    assert status.pending == 2
+    by_name = {c.name: c for c in status.consumers}
+    assert by_name["busy"].pending == 2
+    assert (by_name["busy"].oldest_pending_ms or 0) >= 150
+    assert by_name["quitter"].pending == 0
+    assert by_name["quitter"].oldest_pending_ms is None
 
 
 def test_status_before_any_group_exists(r: redis.Redis, queue: str) -> None:
     r.rpush(queue, b"waiting")
 
-    status = Stream(r, queue, GROUP, "c1").status(10_000)
+    status = Stream(r, queue, GROUP).status(10_000)
 
-    assert status["list_length"] == 1
-    assert status["stream_length"] == 0
-    assert status["consumers"] == []
-    assert status["pending"] == 0
+    assert status.list_length == 1
+    assert status.stream_length == 0
+    assert status.consumers == []
+    assert status.pending == 0
 
 
 def test_fetch_recreates_the_group_after_the_stream_is_deleted(each_redis: redis.Redis) -> None:
@@ -408,7 +411,7 @@ def test_fetch_recreates_the_group_after_the_stream_is_deleted(each_redis: redis
 
     delivered = stream.fetch(10) + stream.fetch(10)
 
-    assert [e.task for e in delivered] == [b"\xffafter"]
+    assert [e.payload for e in delivered] == [b"\xffafter"]
     assert each_redis.llen(queue) == 0
     groups = each_redis.xinfo_groups(stream.keys.stream)
     assert [g["name"] for g in groups] == [GROUP.encode()]
@@ -429,6 +432,6 @@ def test_claim_pages_with_its_cursor(each_redis: redis.Redis) -> None:
         pages += 1
         assert pages <= 10, "the claim cursor never wrapped"
 
-    assert [e.task for e in claimed] == [b"a", b"b", b"c"]
+    assert [e.payload for e in claimed] == [b"a", b"b", b"c"]
     assert pages >= 3
     assert {consumer for consumer, _ in pel(each_redis, live).values()} == {"live"}

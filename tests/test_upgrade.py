@@ -20,10 +20,12 @@ from typing import Any
 
 import pytest
 
+from returner import upgrade
+from returner.commit import Committer
 from returner.errors import DiskError
-from returner.output import LOCK, RESULTS, Results
-from returner.results import STORE
+from returner.store import STORE
 from returner.task import Entry, Kind, Outcome
+from returner.view import LOCK, RESULTS
 from tests.conftest import opened, read_results, read_view, wait_for
 
 ARCHIVE = re.compile(r"results\.\d{8}T\d{6}(?:_\d+)?\.json")
@@ -159,16 +161,16 @@ def test_the_once_only_check_sees_imported_completions(legacy: Legacy) -> None:
         assert results.is_completed(("req_01", "画像_01"))
         assert results.is_completed(("req_mid", "이미지_001"))
         assert not results.is_completed(("req_01", "画像_02"))  # it failed: may be redone
-        temp = results.out.write_jpeg(b"a redelivery")
+        temp = results.output.stage(b"a redelivery")
         redelivery = Outcome(Entry("1764426622000-0", b"{}", 2), Kind.COMPLETED, "req_02",
-                             "画像_01", temp_path=temp)
+                             "画像_01", staged=temp)
         [dup] = results.commit([redelivery])
         assert dup.kind is Kind.DUPLICATE
         assert dup.file_path == legacy.jpeg("画像_01", "20261129_143025")  # the first of two
-        assert not temp.exists()
-        retried = results.out.write_jpeg(b"now it works")
+        assert not Path(temp.ref).exists()
+        retried = results.output.stage(b"now it works")
         [redo] = results.commit([Outcome(Entry("1764426623000-0", b"{}", 1), Kind.COMPLETED,
-                                         "req_01", "画像_02", temp_path=retried)])
+                                         "req_01", "画像_02", staged=retried)])
         assert redo.kind is Kind.COMPLETED
         assert redo.file_path is not None and redo.file_path.read_bytes() == b"now it works"
 
@@ -197,33 +199,27 @@ def test_a_directory_without_earlier_files_imports_nothing(tmp_path: Path) -> No
     assert meta_imported(directory)
 
 
-def test_leftovers_of_the_earlier_design_are_cleaned_up(legacy: Legacy) -> None:
-    """Its lock file named JPEGs being written, and its temp files named their pid."""
-    orphan = legacy.directory / "lost_20261129_150000.jpg"
-    orphan.write_bytes(b"written, never recorded")
+def test_an_earlier_lock_file_is_made_private_and_its_jpegs_are_kept(legacy: Legacy) -> None:
+    """An earlier version left its lock file readable by others; the JPEGs it names are
+    the records' and stay."""
     recorded = legacy.jpeg("画像_03", "20261129_143024")
-    (legacy.directory / LOCK).write_text(f"{orphan.name}\n{recorded.name}\n")
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    dead_temp = legacy.directory / f".{int(gone.stdout)}-{'a' * 32}.tmp"
-    live_temp = legacy.directory / f".{os.getpid()}-{'b' * 32}.tmp"
-    dead_temp.write_bytes(b"x")
-    live_temp.write_bytes(b"x")
+    (legacy.directory / LOCK).write_text(f"{recorded.name}\n")
+    os.chmod(legacy.directory / LOCK, 0o644)
     with opened(legacy.directory):
         pass
-    assert not orphan.exists() and not dead_temp.exists()
     assert recorded.read_bytes() == "jpeg of req_01/画像_03".encode()
-    assert live_temp.exists()
-    assert (legacy.directory / LOCK).read_bytes() == b""
     assert oct(os.stat(legacy.directory / LOCK).st_mode & 0o777) == oct(0o600)
 
 
 IMPORTER = """
 import logging, sys
 from pathlib import Path
-from returner.output import Results
+from returner import upgrade
+from returner.commit import Committer
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
-Results(Path(sys.argv[1])).open()
+results = Committer.at(Path(sys.argv[1]))
+upgrade.take_over(results.out, results.store)
+results.open()
 print("open", flush=True)
 """
 
@@ -286,10 +282,10 @@ def test_a_malformed_archive_stops_open_with_a_disk_error_naming_it(
 ) -> None:
     (legacy.directory / SECOND).write_bytes(body)
     for _ in range(2):  # it keeps refusing until someone moves the file aside
-        results = Results(legacy.directory)
+        results = Committer.at(legacy.directory)
         try:
             with pytest.raises(DiskError, match=re.escape(SECOND)):
-                results.open()
+                upgrade.take_over(results.out, results.store)
         finally:
             results.close()
         assert read_results(legacy.directory) == []
@@ -306,10 +302,10 @@ def test_a_malformed_archive_stops_open_with_a_disk_error_naming_it(
 def test_a_refused_start_leaves_no_view_to_be_archived_by_the_next(legacy: Legacy) -> None:
     (legacy.directory / SECOND).write_bytes(b"not json")
     for _ in range(2):
-        results = Results(legacy.directory)
+        results = Committer.at(legacy.directory)
         try:
             with pytest.raises(DiskError):
-                results.open()
+                upgrade.take_over(results.out, results.store)
         finally:
             results.close()
     assert not (legacy.directory / RESULTS).exists()

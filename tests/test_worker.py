@@ -23,10 +23,9 @@ import pytest
 import redis
 import simplejpeg
 
-from returner.cli import stream_for
 from returner.metrics import Metrics
 from returner.settings import Settings
-from returner.stream import Stream
+from returner.stream import Consumer
 from returner.worker import Worker
 from tests.conftest import (
     CLEAN_DOT_FILES,
@@ -48,7 +47,7 @@ class Running:
 
     worker: Worker
     metrics: Metrics
-    stream: Stream
+    stream: Consumer
     stop: threading.Event
     thread: threading.Thread
     errors: list[BaseException] = field(default_factory=list)
@@ -73,7 +72,7 @@ class Running:
 def running(settings: Settings) -> Iterator[Running]:
     """Start a worker; on leaving, set its stop event and check the thread ended."""
     assert settings.redis_url is not None
-    stream = stream_for(settings, settings.redis_url)
+    stream = Consumer.from_settings(settings, settings.redis_url)
     metrics, stop = Metrics(), threading.Event()
     worker = Worker(settings, stream, metrics, stop)
     errors: list[BaseException] = []
@@ -426,6 +425,26 @@ def test_a_duplicate_task_is_settled_without_writing(
     assert_drained(r, settings)
 
 
+def test_an_event_and_the_record_of_a_delivery_carry_the_same_timestamp(
+    make_settings: MakeSettings, frames: Frames, r: redis.Redis, output_dir: Path
+) -> None:
+    """One timestamp per settled delivery: the commit's, shared by its record and its
+    event, for completed and failed tasks alike."""
+    settings = make_settings()
+    good = frames.task(random_frame((32, 32, 3), seed=3), "req-ts", "img-good")
+    bad = message("img_shm_0123abcd", [8, 8, 3], "req-ts", "img-bad")  # no such segment
+    r.rpush(settings.hosting_tasks_queue, good, bad)
+
+    with running(settings) as run:
+        run.settled(2)
+
+    recorded = {rec["image_id"]: rec["timestamp"] for rec in read_results(output_dir)}
+    events_key = f"{{{settings.hosting_tasks_queue}}}:events"
+    emitted = {f[b"image_id"].decode(): f[b"timestamp"].decode() for _, f in r.xrange(events_key)}
+    assert set(recorded) == {"img-good", "img-bad"}
+    assert emitted == recorded
+
+
 # -- poison deliveries ---------------------------------------------------------------
 
 
@@ -439,13 +458,13 @@ def test_too_many_deliveries_are_dead_lettered_and_keep_the_segment(
     settings = make_settings(MAX_DELIVERIES=3, CLAIM_MIN_IDLE_MS=100)
     poison = frames.task(random_frame((32, 32, 3)), "req-poison", "img-poison")
     r.rpush(settings.hosting_tasks_queue, poison)
-    crashed = Stream(
+    crashed = Consumer(
         redis.Redis.from_url(redis_url),
         settings.hosting_tasks_queue,
         settings.consumer_group,
         "crashed-1",
     )
-    crashed.ensure_group()
+    crashed.stream.ensure_group()
     assert len(crashed.fetch(1)) == 1
     for _ in range(3):  # three restarts that died while re-reading their history
         crashed.own_pending("0", 10)
@@ -475,13 +494,13 @@ def test_a_delivery_at_max_deliveries_is_still_processed(
     settings = make_settings(MAX_DELIVERIES=3, CLAIM_MIN_IDLE_MS=100)
     msg = frames.task(random_frame((32, 32, 3)), "req-last-try", "img-last-try")
     r.rpush(settings.hosting_tasks_queue, msg)
-    crashed = Stream(
+    crashed = Consumer(
         redis.Redis.from_url(redis_url),
         settings.hosting_tasks_queue,
         settings.consumer_group,
         "crashed-1",
     )
-    crashed.ensure_group()
+    crashed.stream.ensure_group()
     assert len(crashed.fetch(1)) == 1
     crashed.own_pending("0", 10)  # delivery 2; the claim makes it 3 == MAX_DELIVERIES
 
@@ -532,7 +551,7 @@ def test_the_duplicate_check_comes_before_the_delivery_limit(
         first.settled(1)
     # A consumer that crashed after the commit but before the ack, several times over.
     r.rpush(queue, msg)
-    crashed = Stream(redis.Redis.from_url(redis_url), queue, settings.consumer_group, "crashed-1")
+    crashed = Consumer(redis.Redis.from_url(redis_url), queue, settings.consumer_group, "crashed-1")
     assert len(crashed.fetch(1)) == 1
     for _ in range(3):
         crashed.own_pending("0", 10)
@@ -614,13 +633,13 @@ def test_entries_of_a_dead_consumer_are_claimed_and_completed(
         frames.task(random_frame((32, 40, 3), seed=i), f"req-{i}", f"img-{i}") for i in range(4)
     ]
     r.rpush(settings.hosting_tasks_queue, *messages)
-    dead = Stream(
+    dead = Consumer(
         redis.Redis.from_url(redis_url),
         settings.hosting_tasks_queue,
         settings.consumer_group,
         "dead-1",
     )
-    dead.ensure_group()
+    dead.stream.ensure_group()
     assert len(dead.fetch(10)) == 4
     taken = time.monotonic()
 
@@ -650,10 +669,10 @@ def test_own_pending_entries_of_an_earlier_run_are_finished_first(
         frames.task(random_frame((32, 32, 3), seed=i), f"old-{i}", f"img-old-{i}") for i in range(3)
     ]
     r.rpush(queue, *earlier)
-    previous_run = Stream(
+    previous_run = Consumer(
         redis.Redis.from_url(redis_url), queue, settings.consumer_group, settings.consumer_name
     )
-    previous_run.ensure_group()
+    previous_run.stream.ensure_group()
     assert len(previous_run.fetch(10)) == 3
     later = [
         frames.task(random_frame((32, 32, 3), seed=9 + i), f"new-{i}", f"img-new-{i}")

@@ -6,18 +6,18 @@
 -- KEYS[1] stream  KEYS[2] dead letters {L}:dead  KEYS[3] events {L}:events
 -- ARGV[1] group  ARGV[2] consumer  ARGV[3] events MAXLEN (approximate)  ARGV[4] '1':
 -- also PUBLISH each event on events:{request_id}  ARGV[5] dead letters MAXLEN
--- (approximate)  ARGV[6] timestamp of the events  ARGV[7] number of entries N
--- ARGV[8..] 6 values per entry: entry ID, request_id, image_id, outcome (completed,
--- duplicate, failed, dead_lettered), file_path, error
--- then 2 values per failed or dead_lettered entry, in the same order: its delivery
--- count and its task (the original bytes, or their first KiB)
+-- (approximate)  ARGV[6] number of entries N
+-- ARGV[7..] 8 values per entry: entry ID, request_id, image_id, outcome (completed,
+-- duplicate, failed, dead_lettered), status (the record's: completed, or failed, which
+-- dead-letters it), file_path, error, timestamp (the record's)
+-- then 2 values per failed entry, in the same order: its delivery count and its task
+-- (the original bytes, or their first KiB)
 -- Returns: the number of entries this call settled (= events emitted)
-local settled, ts, dead, ids = 0, ARGV[6], 8 + 6 * tonumber(ARGV[7]), {}
-for i = 8, dead - 1, 6 do
+local settled, dead, ids = 0, 7 + 8 * tonumber(ARGV[6]), {}
+for i = 7, dead - 1, 8 do
   local id, rid, iid, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local path, err = ARGV[i + 4], ARGV[i + 5]
-  local failed = outcome == 'failed' or outcome == 'dead_lettered'
-  local status = failed and 'failed' or 'completed'
+  local status, path, err, ts = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  local failed = status == 'failed'
   if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
     settled = settled + 1
     if failed then

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from returner.stream import Server, Stream
+from returner.connection import Server
+from returner.stream import Stream
 from tests.cluster.conftest import Cluster
 from tests.cluster.support import GROUP, fresh_queue
 
@@ -63,7 +64,7 @@ def test_a_user_without_info_is_not_taken_for_a_single_server(
     user, queue = acl_user
     owner = redis_cluster.node_for_key(queue)
     server = Server(f"redis://{user}:s3cret@127.0.0.1:{owner.port}")
-    Stream(server, queue, GROUP, "acl").ensure_group()
+    Stream(server, queue, GROUP).ensure_group()
     assert server.cluster is True, "a Redis Cluster was taken for a single server"
 
 
@@ -77,5 +78,5 @@ def test_a_user_without_info_or_cluster_slots_is_taken_for_a_single_server_user(
         node.command("ACL", "SETUSER", user, "-cluster|slots")
     owner = redis_cluster.node_for_key(queue)
     server = Server(f"redis://{user}:s3cret@127.0.0.1:{owner.port}")
-    Stream(server, queue, GROUP, "acl").ensure_group()
+    Stream(server, queue, GROUP).ensure_group()
     assert server.cluster is False

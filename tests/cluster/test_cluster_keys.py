@@ -22,7 +22,8 @@ import redis
 from redis.connection import Connection
 from redis.crc import key_slot
 
-from returner.stream import Keys, Replication, Server, Stream
+from returner.connection import Replication, Server
+from returner.stream import Consumer, Keys
 from tests.cluster.conftest import Cluster, Node
 from tests.cluster.support import GROUP, fresh_queue, not_owner, push
 from tests.conftest import acked, dead_lettered, wait_for
@@ -203,9 +204,9 @@ def test_every_operation_keeps_to_the_slot_of_the_queue(
     cluster, queue = redis_cluster, queue_on_cluster
     keys = Keys.for_queue(queue)
     url = not_owner(cluster, queue).url
-    alpha = Stream(Server(url), queue, GROUP, "alpha")
-    beta = Stream(Server(url, cluster=True), queue, GROUP, "beta")
-    ghost = Stream(Server(url), queue, GROUP, "ghost")
+    alpha = Consumer(Server(url), queue, GROUP, "alpha")
+    beta = Consumer(Server(url, cluster=True), queue, GROUP, "beta")
+    ghost = Consumer(Server(url), queue, GROUP, "ghost")
     owner = monitor.owner.r
     tasks = [f'{{"task": {i}, "note": "quote \\" and\\nnewline"}}'.encode() for i in range(8)]
     push(cluster.client(), queue, tasks)
@@ -216,10 +217,10 @@ def test_every_operation_keeps_to_the_slot_of_the_queue(
         expected[label] = set(scripts)
         monitor.mark(label)
 
-    alpha.ensure_group()
+    alpha.stream.ensure_group()
     step("ensure_group")
     got = alpha.fetch(3)
-    assert [e.task for e in got] == tasks[:3]
+    assert [e.payload for e in got] == tasks[:3]
     step("fetch", "fetch")
     alpha.touch([e.id for e in got])
     step("touch", "touch")
@@ -240,40 +241,40 @@ def test_every_operation_keeps_to_the_slot_of_the_queue(
     owner.xdel(keys.stream, held[0].id)
     monitor.mark("ghost")
     rescued, gone = alpha.rescue("ghost", 0, 10)
-    assert [(e.task, e.deliveries) for e in rescued] == [(tasks[4], 2), (tasks[5], 2)]
+    assert [(e.payload, e.deliveries) for e in rescued] == [(tasks[4], 2), (tasks[5], 2)]
     assert gone == 1
     step("rescue", "rescue")
     owner.xdel(keys.stream, rescued[0].id)
     claimed, cursor, gone = beta.claim(0, "0-0", 10)
-    assert [(e.task, e.deliveries) for e in claimed] == [(tasks[5], 3)]
+    assert [(e.payload, e.deliveries) for e in claimed] == [(tasks[5], 3)]
     assert (cursor, gone) == ("0-0", 1)
     step("claim", "claim")
 
-    dead = alpha.dead_letters(10)
-    assert len(dead) == 1 and dead[0][1][b"error"] == b"broken frame"
-    assert dead[0][1][b"task"] == tasks[1]
+    dead = alpha.stream.dead_letters(10)
+    assert len(dead) == 1 and dead[0].error == "broken frame"
+    assert owner.xrange(keys.dead, dead[0].id, dead[0].id)[0][1]["task"] == tasks[1].decode()
     step("dead_letters")
-    revived = alpha.revive(dead[0][0])
+    revived = alpha.stream.revive(dead[0].id)
     assert revived is not None and owner.xrange(keys.stream, revived, revived)
     step("revive", "revive")
-    assert alpha.forget("ghost") is True
-    assert beta.forget("beta") is False  # still holds an entry
+    assert alpha.stream.forget("ghost") is True
+    assert beta.stream.forget("beta") is False  # still holds an entry
     step("forget", "forget")
 
-    seen = alpha.observe()
+    seen = alpha.stream.observe()
     assert (seen.queue_length, seen.dead_letters, seen.pending) == (2, 0, 1)
     assert {(c.name, c.pending) for c in seen.consumers} == {("alpha", 0), ("beta", 1)}
     step("observe")
-    report = alpha.status(60_000)
-    assert (report["stream_length"], report["pending"], report["dead_letters"]) == (2, 1, 0)
-    assert [c["oldest_pending_ms"] is not None for c in report["consumers"]] == [False, True]
+    report = alpha.stream.status(60_000)
+    assert (report.stream_length, report.pending, report.dead_letters) == (2, 1, 0)
+    assert [c.oldest_pending_ms is not None for c in report.consumers] == [False, True]
     step("status")
-    rows = alpha.pending_idle(0, 10)
-    assert [(r["consumer"], r["deliveries"]) for r in rows] == [("beta", 3)]
+    rows = alpha.stream.pending_idle(0, 10)
+    assert [(r.consumer, r.deliveries) for r in rows] == [("beta", 3)]
     step("pending_idle")
     alpha.wait_for_tasks(0.05)  # the list has elements: returns at once, list unchanged
     assert owner.lrange(queue, 0, -1) == [t.decode() for t in tasks[6:]]
-    alpha.ping()
+    alpha.stream.ping()
     step("wait_for_tasks")
 
     ran: set[str] = set()
@@ -298,15 +299,15 @@ def test_wait_follows_each_write_on_the_same_connection(
     with no replica in this cluster every WAIT falls short and is reported as such."""
     cluster, queue = redis_cluster, queue_on_cluster
     url = not_owner(cluster, queue).url
-    stream = Stream(Server(url), queue, GROUP, "waiter", Replication(replicas=1, timeout_ms=20))
+    stream = Consumer(Server(url), queue, GROUP, "waiter", Replication(replicas=1, timeout_ms=20))
     short: list[tuple[int, int]] = []
-    stream.on_short_wait = lambda want, got: short.append((want, got))
+    stream.stream.on_short_wait = lambda want, got: short.append((want, got))
     push(cluster.client(), queue, [b"one", b"two"])
-    stream.ensure_group()
+    stream.stream.ensure_group()
     monitor.mark("setup")
 
     got = stream.fetch(5)
-    assert [e.task for e in got] == [b"one", b"two"]
+    assert [e.payload for e in got] == [b"one", b"two"]
     stream.touch([got[0].id])  # not a write that must survive a failover: no WAIT
     stream.settle(acked(got[0]))
     stream.settle(dead_lettered(got[1], "bad"))

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import simplejpeg
 
-from returner.stream import Keys, Server, Stream
+from returner.connection import Server
+from returner.stream import Consumer, Keys
 from tests.cluster.conftest import Cluster, Services
 from tests.cluster.support import (
     GROUP,
@@ -138,8 +139,8 @@ def test_status_and_replay_on_the_cluster(
     push(client, queue, [b'{"request_id": "req_r", "image_id": "bad", "shm_info": '
                          b'{"shm_name": "img_shm_0bad", "shape": [2, 2, 3], "dtype": "uint8", '
                          b'"size": 12}}'])  # fmt: skip
-    ghost = Stream(Server(entry_node.url), queue, GROUP, "ghost")
-    ghost.ensure_group()
+    ghost = Consumer(Server(entry_node.url), queue, GROUP, "ghost")
+    ghost.stream.ensure_group()
     held = ghost.fetch(10)  # a consumer that then died holding six entries
     assert len(held) == 6
     push(client, queue, [frames.task(random_frame(SHAPE, seed=9), "req_w", "waiting")])

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from returner.producer import task_message
-from returner.stream import Keys, Stream
+from returner.stream import Consumer, Keys
 from returner.task import Entry
 from tests.conftest import Frames, dead_lettered, random_frame, read_results, wait_for
 from tests.e2e.conftest import Service, run_cli
@@ -78,12 +78,12 @@ def held(r: redis.Redis, queue: str, consumer: str = "ghost") -> list[Entry]:
 
 def strand_ids(
     r: redis.Redis, queue: str, frames: Frames, ids: Sequence[tuple[str, str]]
-) -> tuple[Stream, list[Entry]]:
+) -> tuple[Consumer, list[Entry]]:
     """Like `strand`, with chosen (request_id, image_id) pairs; returns the entries in order."""
     for i, (request_id, image_id) in enumerate(ids):
         r.rpush(queue, frames.task(random_frame((48, 64, 3), seed=100 + i), request_id, image_id))
-    ghost = Stream(r, queue, GROUP, "ghost")
-    ghost.ensure_group()
+    ghost = Consumer(r, queue, GROUP, "ghost")
+    ghost.stream.ensure_group()
     assert len(ghost.fetch(len(ids))) == len(ids)
     return ghost, held(r, queue)
 
@@ -165,7 +165,7 @@ def test_replay_pending_under_a_chosen_consumer(
 ) -> None:
     strand(r, queue, frames, 2)
     r.rpush(queue, b"not json")  # fails; its dead letter names the consumer that settled it
-    Stream(r, queue, GROUP, "ghost").fetch(1)
+    Consumer(r, queue, GROUP, "ghost").fetch(1)
     assert consumers(r, queue) == {"ghost": 3}
 
     done = run_cli(
@@ -268,11 +268,11 @@ def test_replay_pending_mixed_batch_summary(
     good = frames.task(random_frame((40, 56, 3), seed=7), "req_mix", "good")
     worn = frames.task(random_frame((40, 56, 3), seed=8), "req_mix", "worn")
     missing = task_message(f"img_shm_{uuid.uuid4().hex}", (40, 56, 3), "req_mix", "missing")
-    for message in (good, earlier.task, b"not json", missing, worn):
+    for message in (good, earlier.payload, b"not json", missing, worn):
         r.rpush(queue, message)
-    ghost = Stream(r, queue, GROUP, "ghost")
+    ghost = Consumer(r, queue, GROUP, "ghost")
     assert len(ghost.fetch(5)) == 5
-    worn_id = next(e.id for e in held(r, queue) if e.task == worn)
+    worn_id = next(e.id for e in held(r, queue) if e.payload == worn)
     r.xclaim(stream, GROUP, "ghost", 0, [worn_id], retrycount=5)  # delivered 5 times already
 
     done = run_cli("replay", "--pending", "--min-idle", "0", env=service_env, cwd=tmp_path)
@@ -384,7 +384,7 @@ def test_replay_dead_letters_by_request_id_and_limit(
     left = {f[b"request_id"] for _, f in rows(r, dead)}
     assert left == {b"req_b", b"req_c"}
     assert sorted(f[b"task"] for _, f in rows(r, keys(queue).stream)) == sorted(
-        [entries[0].task, entries[2].task]
+        [entries[0].payload, entries[2].payload]
     )
 
     svc = service().start()

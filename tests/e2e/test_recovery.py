@@ -8,19 +8,19 @@ from pathlib import Path
 
 import redis
 
-from returner.stream import Stream
+from returner.stream import Consumer
 from tests.conftest import Frames, dead_lettered, random_frame, read_results, wait_for
 from tests.e2e.conftest import run_cli
 from tests.e2e.test_run import results_count
 
 
 def strand(r: redis.Redis, queue: str, frames: Frames, count: int, consumer: str = "ghost"
-           ) -> Stream:
+           ) -> Consumer:
     """Push tasks and leave them pending under a consumer that never acks (a dead worker)."""
     for i in range(count):
         r.rpush(queue, frames.task(random_frame((64, 48, 3), seed=i), "req", f"img_{i}"))
-    ghost = Stream(r, queue, "returner", consumer)
-    ghost.ensure_group()
+    ghost = Consumer(r, queue, "returner", consumer)
+    ghost.stream.ensure_group()
     assert len(ghost.fetch(count)) == count
     return ghost
 

@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 import redis
 
-from returner.output import Results
 from returner.producer import task_message
-from returner.results import FIELDS, STORE, Store
+from returner.store import FIELDS, STORE, Store
 from returner.task import Entry, Kind, Outcome
-from tests.conftest import Frames, count_records, random_frame, read_results, wait_for
+from tests.conftest import Frames, count_records, open_results, random_frame, read_results, wait_for
 from tests.e2e.conftest import Service, base_env, run_cli
 
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
@@ -117,8 +116,7 @@ def test_results_commands_read_a_directory_whose_name_holds_uri_characters(
     service_env: dict[str, str], tmp_path: Path, name: str
 ) -> None:
     directory = tmp_path / name
-    results = Results(directory)
-    results.open()
+    results = open_results(directory)
     results.commit([Outcome(Entry("1764460800000-0", b"{}", 1), Kind.FAILED, "req", "img",
                             error="bad shape")])
     results.close()

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from returner import supervisor as sup
 from returner.settings import Settings
-from returner.stream import Keys, Stream
+from returner.stream import Consumer, Keys
 from tests.conftest import Frames, random_frame, read_results, wait_for
 from tests.e2e.conftest import POISON_SEAM, Service, run_cli
 from tests.e2e.test_run import free_port, results_count
@@ -319,8 +319,8 @@ def test_metrics_are_summed_over_workers_and_ready_when_all_are_up(
     for name in NAMES:
         r.rpush(queue, *small_tasks(frames, n, 4))
         n += 4
-        earlier_run = Stream(redis.Redis.from_url(redis_url), queue, GROUP, name)
-        earlier_run.ensure_group()
+        earlier_run = Consumer(redis.Redis.from_url(redis_url), queue, GROUP, name)
+        earlier_run.stream.ensure_group()
         own[name] = {e.id for e in earlier_run.fetch(10)}
         assert len(own[name]) == 4
     r.rpush(queue, *small_tasks(frames, n, 12))

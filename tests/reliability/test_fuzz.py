@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from returner.errors import BadTask
-from returner.output import file_name, safe_stem
+from returner.files import file_name, safe_stem
 from returner.settings import DEFAULT_SHM_NAME_PATTERN
 from returner.stream import Keys
 from returner.task import MAX_DIMENSION, NAME_MAX, Rules, Task, parse_task, read_ids

@@ -20,7 +20,7 @@ Tables:
 from __future__ import annotations
 
 import contextlib
-import logging
+import dataclasses
 import os
 import sqlite3
 import threading
@@ -33,16 +33,12 @@ from typing import Any
 from urllib.parse import quote
 
 from returner.errors import DiskError
+from returner.files import STORE
 from returner.task import encodable
 
-log = logging.getLogger(__name__)
-
-STORE = ".results.db"
 FIELDS = ("timestamp", "request_id", "image_id", "file_path", "status", "error", "entry_id")
 # A writer waits this long for another's transaction before calling the disk failing.
 BUSY_TIMEOUT_S = 10.0
-# An upgrade imports everything in one transaction; others wait for it this long.
-IMPORT_WAIT_S = 600.0
 # After a checkpoint the WAL is cut back to this size (it grows during an import).
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
 # Records read per step of an export, and deleted per step of retention.
@@ -71,6 +67,12 @@ _COMPLETED = (
 )
 
 
+def timestamp(moment: datetime | None = None) -> str:
+    """A record's timestamp (now by default): ISO-8601 UTC with microseconds, a fixed
+    width, so that they sort as text."""
+    return (moment or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="microseconds")
+
+
 @dataclass(frozen=True)
 class Record:
     """One row to insert: the fields of a results.json entry plus the stream entry."""
@@ -84,16 +86,7 @@ class Record:
     entry_id: str | None
 
     def row(self) -> tuple[str | None, ...]:
-        fields = (
-            self.timestamp,
-            self.request_id,
-            self.image_id,
-            self.file_path,
-            self.status,
-            self.error,
-            self.entry_id,
-        )
-        return tuple(None if v is None else encodable(v) for v in fields)
+        return tuple(None if v is None else encodable(v) for v in dataclasses.astuple(self))
 
 
 def as_dict(row: Sequence[Any]) -> dict[str, Any]:
@@ -142,7 +135,7 @@ def _create(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def translated(action: str) -> Iterator[None]:
+def as_disk_error(action: str) -> Iterator[None]:
     """SQLite's and the file system's errors become DiskError (the worker pauses)."""
     try:
         yield
@@ -160,7 +153,7 @@ class Store:
     def __init__(self, directory: Path, create: bool = True) -> None:
         """Open (or with `create`, create) the store of `directory`. Raises DiskError."""
         self.path = directory / STORE
-        with translated(f"opening {self.path}"):
+        with as_disk_error(f"opening {self.path}"):
             if not create:
                 # mode=rw: an existing store only; a reader never creates or changes one.
                 self.db = sqlite3.connect(
@@ -175,9 +168,8 @@ class Store:
                 self.db = _connect(self.path, BUSY_TIMEOUT_S)
                 _use_wal(self.db)
                 self.db.executescript(_SCHEMA)
-        self._local = threading.local()
+        self._local, self._readers_lock = threading.local(), threading.Lock()
         self._readers: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()
 
     def close(self) -> None:
         with self._readers_lock:
@@ -211,7 +203,7 @@ class Store:
         for longer than BUSY_TIMEOUT_S).
         """
         db = conn or self.db
-        with translated(action):
+        with as_disk_error(action):
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield Tx(db)
@@ -223,7 +215,7 @@ class Store:
 
     def completed(self, request_id: str, image_id: str) -> bool:
         """Whether the task has a completed record (read from any thread). Raises DiskError."""
-        with translated("reading the results store"):
+        with as_disk_error("reading the results store"):
             return self._reader().execute(_COMPLETED, (request_id, image_id)).fetchone() is not None
 
     def recent(self, count: int, conn: sqlite3.Connection | None = None) -> list[dict[str, Any]]:
@@ -235,7 +227,7 @@ class Store:
 
     def get(self, request_id: str, image_id: str | None = None) -> list[dict[str, Any]]:
         """Every record of a request, or of one image of it, oldest first. Raises DiskError."""
-        with translated("reading the results store"):
+        with as_disk_error("reading the results store"):
             if image_id is None:
                 rows = self.db.execute(_select("WHERE request_id = ? ORDER BY id"), (request_id,))
             else:
@@ -267,10 +259,10 @@ class Store:
             conditions.append("status = ?")
             params.append(status)
         query = _select(f"WHERE {' AND '.join(conditions)} ORDER BY id LIMIT {EXPORT_STEP}")
-        with translated("reading the results store"):
+        with as_disk_error("reading the results store"):
             after = self._first_at(since) - 1 if since is not None else 0
         while True:
-            with translated("reading the results store"):
+            with as_disk_error("reading the results store"):
                 rows = self.db.execute(query, (after, *params)).fetchall()
             for row in rows:
                 if since is None or row[1] >= since:
@@ -307,73 +299,11 @@ class Store:
                 (PRUNE_STEP, before),
             ).rowcount
 
-    def references(self, file_path: str) -> bool:
-        """Whether a record names this file (a full scan: for the one-time upgrade)."""
-        row = self.db.execute("SELECT 1 FROM records WHERE file_path = ? LIMIT 1", (file_path,))
-        return row.fetchone() is not None
-
     def counts(self) -> dict[str, int]:
         """Records in the store. Raises DiskError."""
-        with translated("counting records"):
+        with as_disk_error("counting records"):
             (total,) = self.db.execute("SELECT count(*) FROM records").fetchone()
         return {"total": int(total)}
-
-    def import_records(self, sources: Callable[[], Iterable[tuple[str, list[Any]]]]) -> int:
-        """Take in the records of earlier results files, in one transaction, then index.
-
-        `sources()` yields (name, parsed JSON array). It is called inside the transaction,
-        only if no other process has imported yet, so a process killed half way leaves
-        nothing behind and the next start imports again.
-        """
-        total = 0
-        self.db.execute(f"PRAGMA busy_timeout = {int(IMPORT_WAIT_S * 1000)}")
-        try:
-            with self.transaction("importing earlier results") as tx:
-                if self.imported:  # another process did it while we waited
-                    return 0
-                for name, records in sources():
-                    rows = [legacy_row(r) for r in records if isinstance(r, dict)]
-                    tx.db.executemany(_INSERT, rows)
-                    total += len(rows)
-                    log.info("imported %d records from %s (%d so far)", len(rows), name, total)
-                tx.db.execute(_INDEX)
-                tx.db.execute("INSERT INTO meta VALUES ('imported', datetime('now'))")
-        finally:
-            self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        return total
-
-
-def legacy_row(record: dict[str, Any]) -> tuple[str | None, ...]:
-    """An entry of an earlier results.json as a row (entry_id unknown)."""
-    status = "completed" if record.get("status") == "completed" else "failed"
-    return (
-        utc_timestamp(_text(record.get("timestamp")) or ""),
-        _text(record.get("request_id")),
-        _text(record.get("image_id")),
-        _text(record.get("file_path")),
-        status,
-        None if status == "completed" else _text(record.get("error")) or "failed",
-        None,
-    )
-
-
-def utc_timestamp(value: str) -> str:
-    """An earlier version's timestamp as the store writes them: UTC, with microseconds.
-
-    The seed wrote local time without an offset: taken as this host's local time. A
-    value that is not ISO-8601 is kept as it is.
-    """
-    if len(value) == 32 and value.endswith("+00:00"):
-        return value  # already so
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return value
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) else None if value is None else str(value)
 
 
 class Tx:
@@ -405,22 +335,35 @@ class Tx:
 
     def claimed(self, final: str) -> bool:
         """Whether a recorded move still targets this path."""
-        return (
-            self.db.execute("SELECT 1 FROM moves WHERE final = ?", (final,)).fetchone() is not None
-        )
+        return bool(self.db.execute("SELECT 1 FROM moves WHERE final = ?", (final,)).fetchone())
 
     def add_move(self, writer: str, temp: str, final: str) -> None:
         self.db.execute("INSERT INTO moves VALUES (?, ?, ?)", (writer, temp, final))
 
-    def moves(
-        self, writer: str | None = None, final: str | None = None
-    ) -> list[tuple[str, str, str]]:
+    def moves(self, writer: str | None = None, final: str | None = None) -> list[tuple[str, ...]]:
         """(writer, temp, final) of the moves of a writer, or of the move to a path."""
-        if writer is not None:
-            rows = self.db.execute("SELECT * FROM moves WHERE writer = ?", (writer,))
-        else:
-            rows = self.db.execute("SELECT * FROM moves WHERE final = ?", (final,))
-        return [(str(w), str(t), str(f)) for w, t, f in rows]
+        column, value = ("writer", writer) if writer is not None else ("final", final)
+        rows = self.db.execute(f"SELECT * FROM moves WHERE {column} = ?", (value,))
+        return [tuple(map(str, row)) for row in rows]
 
     def forget_moves(self, writer: str) -> None:
         self.db.execute("DELETE FROM moves WHERE writer = ?", (writer,))
+
+    def insert_rows(self, rows: Iterable[Sequence[str | None]]) -> None:
+        """Insert rows of FIELDS as they are (an import of earlier results)."""
+        self.db.executemany(_INSERT, rows)
+
+    def mark_imported(self) -> None:
+        """Build the index (faster after inserting than while) and mark the store as
+        having taken in the earlier results files."""
+        self.db.execute(_INDEX)
+        self.db.execute("INSERT INTO meta VALUES ('imported', datetime('now'))")
+
+
+def records_in(directory: Path) -> int | None:
+    """How many records the store of `directory` holds; None when it has none yet."""
+    try:
+        with contextlib.closing(Store(directory, create=False)) as store:
+            return store.counts()["total"]
+    except DiskError:
+        return None

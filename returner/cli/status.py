@@ -1,0 +1,75 @@
+"""`returner status`: the queue, the consumers, the dead letters and the store at a glance."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from returner.cli import common
+from returner.cli.common import connected
+from returner.logs import escape_controls
+from returner.store import records_in
+from returner.stream import Status, Stream
+from returner.task import brief
+
+
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+    redis_url: common.RedisUrl = None,
+    hosting_tasks_queue: common.Queue = None,
+    output_dir: common.OutputDirOpt = None,
+    consumer_group: common.Group = None,
+) -> None:
+    """Show the list and stream lengths, pending entries per consumer with the oldest
+    idle time, dead letters with the last errors, and the records in the store.
+
+    Example: returner status --json
+    """
+    with connected(ctx, log_level="WARNING") as (settings, url):
+        found = Stream.from_settings(settings, url).status(settings.consumer_timeout_ms)
+    records = records_in(settings.output_dir)
+    if as_json:
+        typer.echo(json.dumps(as_document(found, records), indent=2))
+    else:
+        show(found, records)
+
+
+def as_document(status: Status, records: int | None) -> dict[str, Any]:
+    """The status as `status --json` prints it."""
+    return {**dataclasses.asdict(status), "results": {"records": records}}
+
+
+def show(status: Status, records: int | None) -> None:
+    console = Console(highlight=False)
+    oldest = status.oldest_pending_s
+    console.print(f"list [bold]{status.queue}[/]: {status.list_length} waiting")
+    console.print(
+        f"stream: {status.stream_length} entries, {status.pending} pending"
+        + (f", oldest {oldest:.1f}s" if oldest is not None else "")
+    )
+    table = Table("consumer", "pending", "oldest pending", "idle", "", box=None)
+    for c in status.consumers:
+        age = c.oldest_pending_ms
+        table.add_row(
+            Text(escape_controls(c.name)),
+            str(c.pending),
+            "-" if age is None else f"{age / 1000:.1f}s",
+            f"{c.idle_ms / 1000:.1f}s",
+            ("gone: entries to be taken over" if c.pending else "gone: to be removed")
+            if c.gone
+            else "",
+        )
+    console.print(table)
+    console.print(f"dead letters: {status.dead_letters}")
+    for e in status.last_errors:
+        ids = f"{brief(e.request_id)}/{brief(e.image_id)}"
+        line = f"  {e.id}  {ids}: {brief(e.error, 200)}"
+        console.print(escape_controls(line), markup=False)
+    console.print(f"results: {'no store yet' if records is None else f'{records} records'}")
