@@ -94,7 +94,8 @@ class ObjectStoreConfig:
     connect_timeout_s: float = 3.0
     read_timeout_s: float = 10.0  # between bytes of an answer, not for the whole request
     # One retry, for a pooled connection the store closed meanwhile; the worker does the
-    # real backoff. A stalled store costs at most attempts x (connect + read) + ~1 s.
+    # real backoff. A stalled store costs at most attempts x (connect + read) plus
+    # botocore's backoff between them (under 1 s).
     attempts: int = 2
     bucket: str = field(init=False)
     prefix: str = field(init=False)
@@ -185,13 +186,23 @@ def _boto3_client(config: ObjectStoreConfig) -> S3Client:
     )
     try:
         # A session of its own: boto3's default session is shared and not thread-safe.
-        return boto3.session.Session().client(
+        client = boto3.session.Session().client(
             "s3", endpoint_url=config.endpoint_url, region_name=config.region, config=client_config
         )
     except ValueError as exc:  # botocore: "Invalid endpoint: ..."
         raise SettingsError(
             f"S3_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL): {exc}"
         ) from None
+    # Last of the handlers of every S3 call, so after botocore's own that adds the header.
+    client.meta.events.register_last("before-call.s3", _no_expect_continue)
+    return client
+
+
+def _no_expect_continue(model: Any, params: dict[str, Any], **_: Any) -> None:
+    """Send a PUT's body at once: botocore asks for `100 Continue` first, a round trip
+    per JPEG (and a 1 s wait on a stalled store) that only a refused create would save."""
+    if model.name == "PutObject":
+        params["headers"].pop("Expect", None)
 
 
 class ObjectStore:
