@@ -1,8 +1,15 @@
 """The object store (AWS S3, Cloudflare R2, SeaweedFS, MinIO, Ceph RGW): the only module
 that talks to it.
 
-The client library, boto3, is the optional extra `returner[s3]` and is imported only when
-an `ObjectStore` is built, so `import returner` and the core install never load it.
+Two libraries, the optional extra `returner[s3]`, imported only when an `ObjectStore` is
+built (so `import returner` and the core install never load them):
+
+- obstore (Rust's object_store) moves the JPEGs: conditional creates, HEAD, GET, DELETE.
+  Measured against boto3 on this job (benchmarks/test_upload.py) it spends about a
+  quarter of the CPU per upload and releases the GIL while it waits.
+- botocore resolves the credentials (the standard AWS chain: environment, profiles, SSO,
+  container and instance roles), the endpoint and the region, and runs the start-up
+  check, whose S3 error codes name the setting at fault.
 
 Errors are translated where they enter. At start, `check` turns a missing bucket or
 refused credentials into a `SettingsError` naming the setting. Later, every failure of a
@@ -15,210 +22,186 @@ store's or its configuration's fault, never the task's.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
-from urllib.parse import quote, quote_from_bytes, unquote, urlsplit, urlunsplit
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 from returner.errors import ObjectStoreUnavailable, SettingsError
+from returner.s3config import (
+    CONTENT_TYPE,
+    DEFAULT_CACHE_CONTROL,
+    AddressingStyle,
+    ObjectInfo,
+    ObjectStoreConfig,
+    decode_metadata,
+    encode_metadata,
+    parse_url,
+)
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3.client import S3Client
+    from obstore.store import S3Credential
 
-AddressingStyle = Literal["auto", "path", "virtual"]
-ADDRESSING_STYLES: tuple[AddressingStyle, ...] = ("auto", "path", "virtual")
-DEFAULT_CACHE_CONTROL = "public, max-age=31536000, immutable"
-CONTENT_TYPE = "image/jpeg"
-INSTALL = "OBJECT_STORE_URL needs the S3 client library: pip install 'returner[s3]'"
+__all__ = [
+    "CONTENT_TYPE",
+    "DEFAULT_CACHE_CONTROL",
+    "INSTALL",
+    "AddressingStyle",
+    "ObjectInfo",
+    "ObjectStore",
+    "ObjectStoreConfig",
+    "parse_url",
+]
 
-# S3's rules for new buckets (R2's are a subset: no dots).
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
-# AWS's "safe characters" for keys: nothing in a prefix needs quoting in a URL or a shell.
-_PREFIX_PART = re.compile(r"[A-Za-z0-9!_.*'()-]+")
-PREFIX_MAX = 256  # keys are at most 1024 bytes; a relative name takes up to 277
-# Header-safe metadata: printable ASCII except space and `%`, which percent-encoding uses.
-_META_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
-# S3 caps user metadata at 2 KB (keys and values); three values of at most 600 fit.
-METADATA_VALUE_MAX = 600
+INSTALL = "OBJECT_STORE_URL needs the S3 client libraries: pip install 'returner[s3]'"
+# object_store asks for credentials again once fewer than 5 minutes are left, and botocore
+# refreshes temporary ones 10-15 minutes before they expire: six minutes means a question
+# about once a minute, and never a credential used past its expiry.
+CREDENTIALS_TTL = timedelta(minutes=6)
 _MD5_ETAG = re.compile(r"[0-9a-f]{32}")
-
-
-def parse_url(url: str) -> tuple[str, str]:
-    """`s3://BUCKET[/PREFIX]` as (bucket, prefix), the prefix without slashes at either end
-    ("" for none). Raises ValueError saying what is wrong."""
-    if not url.startswith("s3://"):
-        raise ValueError("must look like s3://BUCKET or s3://BUCKET/PREFIX")
-    bucket, _, prefix = url[len("s3://") :].partition("/")
-    _check_bucket(bucket)
-    prefix = prefix.removesuffix("/")
-    if len(prefix) > PREFIX_MAX:
-        raise ValueError(f"has a prefix longer than {PREFIX_MAX} characters")
-    for part in prefix.split("/") if prefix else []:
-        if not part:
-            raise ValueError("has an empty part in its prefix (//)")
-        if part in (".", "..") or not _PREFIX_PART.fullmatch(part):
-            raise ValueError(
-                f"has a prefix part {part!r}: use letters, digits and !_.*'()- (not . or ..)"
-            )
-    return bucket, prefix
-
-
-def _check_bucket(bucket: str) -> None:
-    if not _BUCKET.fullmatch(bucket):
-        raise ValueError(
-            f"has a bucket name {bucket!r}: 3-63 lowercase letters, digits, dots and "
-            "hyphens, starting and ending with a letter or digit"
-        )
-    if ".." in bucket or ".-" in bucket or "-." in bucket or _IPV4.fullmatch(bucket):
-        raise ValueError(f"has a bucket name {bucket!r} that S3 refuses (.. or an IP address)")
-
-
-@dataclass(frozen=True)
-class ObjectStoreConfig:
-    """Where JPEGs go and how the client behaves; built from the settings at the edge.
-
-    Raises ValueError for a bad `url`.
-    """
-
-    url: str
-    endpoint_url: str | None = None  # None: botocore's AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL
-    region: str | None = None  # None: the AWS chain's (AWS_REGION, the profile), else us-east-1
-    addressing_style: AddressingStyle = "auto"
-    cache_control: str = DEFAULT_CACHE_CONTROL
-    public_base_url: str | None = None  # without a trailing slash
-    pool_size: int = 16  # connections kept; at least the threads that upload at once
-    connect_timeout_s: float = 3.0
-    read_timeout_s: float = 10.0  # between bytes of an answer, not for the whole request
-    # One retry, for a pooled connection the store closed meanwhile; the worker does the
-    # real backoff. A stalled store costs at most attempts x (connect + read) plus
-    # botocore's backoff between them (under 1 s).
-    attempts: int = 2
-    bucket: str = field(init=False)
-    prefix: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        bucket, prefix = parse_url(self.url)
-        object.__setattr__(self, "bucket", bucket)
-        object.__setattr__(self, "prefix", prefix)
-
-    def key_for(self, relative_name: str) -> str:
-        """The key of a JPEG whose local file would be OUTPUT_DIR/`relative_name`."""
-        if not relative_name or relative_name.startswith("/"):
-            raise ValueError(f"not a relative name: {relative_name!r}")
-        return f"{self.prefix}/{relative_name}" if self.prefix else relative_name
-
-    def url_for(self, key: str) -> str:
-        """`PUBLIC_BASE_URL/KEY` (the key percent-encoded) when set, else `s3://BUCKET/KEY`."""
-        if self.public_base_url:
-            return f"{self.public_base_url}/{quote(key, safe='/')}"
-        return f"s3://{self.bucket}/{key}"
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """What HEAD says about an object; metadata values decoded as `put_new` encoded them."""
-
-    key: str
-    size: int
-    etag: str  # without quotes
-    md5_hex: str | None  # the ETag when it is the body's MD5 (a single PUT, no SSE-KMS/-C)
-    metadata: dict[str, str]
-    content_type: str | None
-    cache_control: str | None
-
-
-def content_md5(data: bytes) -> str:
-    """The Content-MD5 header of `data` (base64 of the digest)."""
-    return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
-
-
-def encode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """Values safe in an HTTP header: UTF-8 percent-encoded outside printable ASCII (and
-    space and `%`), cut to METADATA_VALUE_MAX without splitting an escape."""
-    encoded = {}
-    for name, value in metadata.items():
-        text = quote_from_bytes(value.encode("utf-8", "surrogatepass"), safe=_META_SAFE)
-        if len(text) > METADATA_VALUE_MAX:
-            cut = METADATA_VALUE_MAX
-            escape = text.rfind("%", cut - 2, cut)
-            text = text[: escape if escape >= 0 else cut]
-        encoded[name.lower()] = text
-    return encoded
-
-
-def decode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """The inverse of `encode_metadata` (a value it cut stays cut)."""
-    return {name: unquote(value, errors="replace") for name, value in metadata.items()}
+_STATUS = re.compile(r"status code: (\d{3})")
+_CODE = re.compile(r"<Code>([A-Za-z0-9.]+)</Code>")
+_THROTTLED = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded"})
+_REGION_CODES = frozenset(
+    {"AuthorizationHeaderMalformed", "InvalidRegionName", "PermanentRedirect", "InvalidLocation"}
+)
 
 
 def _shown(url: str | None) -> str:
     """An endpoint for a message: no user info, query or fragment, whatever it held."""
     if not url:
-        return "the default endpoint"
+        return "AWS S3"
     parts = urlsplit(url)
     host = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def _boto3_client(config: ObjectStoreConfig) -> S3Client:
-    """One thread-safe client with its own session and pool. Raises SettingsError."""
+class _Credentials:
+    """obstore's credential provider: botocore's standard chain, refreshed by botocore."""
+
+    def __init__(self, credentials: Any) -> None:
+        self._credentials = credentials  # None: the chain found nothing
+
+    def __call__(self) -> S3Credential:
+        if self._credentials is None:
+            raise LookupError("no AWS credentials found")
+        frozen = self._credentials.get_frozen_credentials()
+        return {
+            "access_key_id": frozen.access_key,
+            "secret_access_key": frozen.secret_key,
+            "token": frozen.token,
+            "expires_at": datetime.now(UTC) + CREDENTIALS_TTL,
+        }
+
+
+def _botocore(config: ObjectStoreConfig) -> tuple[Any, str | None, str, Any]:
+    """botocore's session: (check client, configured endpoint, region, credentials).
+
+    Raises SettingsError for a missing library, a bad endpoint or an unknown profile.
+    """
     try:
-        import boto3
+        import botocore.session
+        import obstore  # noqa: F401 (both libraries, or neither)
         from botocore.config import Config
+        from botocore.configprovider import ConfiguredEndpointProvider
+        from botocore.exceptions import ProfileNotFound
     except ImportError:
         raise SettingsError(INSTALL) from None
+    session = botocore.session.Session()
+    try:
+        endpoint = (
+            config.endpoint_url
+            or ConfiguredEndpointProvider(
+                full_config=session.full_config,
+                scoped_config=session.get_scoped_config(),
+                client_name="s3",
+            ).provide()
+        )
+        region = config.region or session.get_config_variable("region") or "us-east-1"
+        credentials = session.get_credentials()
+    except ProfileNotFound as exc:
+        raise SettingsError(f"AWS_PROFILE: {exc}") from None
     client_config = Config(
         connect_timeout=config.connect_timeout_s,
-        read_timeout=config.read_timeout_s,
-        max_pool_connections=config.pool_size,
-        tcp_keepalive=True,
+        read_timeout=config.request_timeout_s,
         retries={"total_max_attempts": config.attempts, "mode": "standard"},
-        # boto3 >= 1.36 adds CRC32 (x-amz-checksum-crc32, x-amz-sdk-checksum-algorithm)
-        # to every PutObject by default, which R2 and older stores refuse; Content-MD5,
-        # which every S3 store verifies, is sent by put_new instead.
+        # boto3 >= 1.36 adds CRC32 checksums by default, which R2 refuses on uploads.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         s3={"addressing_style": config.addressing_style},
     )
     try:
-        # A session of its own: boto3's default session is shared and not thread-safe.
-        client = boto3.session.Session().client(
-            "s3", endpoint_url=config.endpoint_url, region_name=config.region, config=client_config
+        client = session.create_client(
+            "s3", endpoint_url=endpoint, region_name=region, config=client_config
         )
     except ValueError as exc:  # botocore: "Invalid endpoint: ..."
         raise SettingsError(
             f"S3_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL): {exc}"
         ) from None
-    # Last of the handlers of every S3 call, so after botocore's own that adds the header.
-    client.meta.events.register_last("before-call.s3", _no_expect_continue)
-    return client
+    return client, endpoint, region, credentials
 
 
-def _no_expect_continue(model: Any, params: dict[str, Any], **_: Any) -> None:
-    """Send a PUT's body at once: botocore asks for `100 Continue` first, a round trip
-    per JPEG (and a 1 s wait on a stalled store) that only a refused create would save."""
-    if model.name == "PutObject":
-        params["headers"].pop("Expect", None)
+def _obstore(
+    config: ObjectStoreConfig, endpoint: str | None, region: str, credentials: _Credentials
+) -> Any:
+    """obstore's S3Store of the bucket, pooled and thread-safe, with only the checksum
+    every store takes on a PUT (SHA-256: R2 refuses boto3's default CRC32 trailer)."""
+    from obstore.store import S3Store
+
+    style: AddressingStyle = config.addressing_style
+    virtual = style == "virtual" or (style == "auto" and endpoint is None)
+    options: dict[str, Any] = {"region": region, "virtual_hosted_style_request": virtual}
+    if endpoint:
+        parts = urlsplit(endpoint)
+        if virtual:  # object_store wants the bucket in a virtual-hosted endpoint
+            parts = parts._replace(netloc=f"{config.bucket}.{parts.netloc}")
+        options["endpoint"] = urlunsplit(parts)
+    connect = timedelta(seconds=config.connect_timeout_s)
+    request = timedelta(seconds=config.request_timeout_s)
+    return S3Store(
+        config.bucket,
+        credential_provider=credentials,
+        checksum_algorithm="sha256",
+        conditional_put="etag",  # If-None-Match: * (whatever AWS_CONDITIONAL_PUT says)
+        skip_signature=False,
+        client_options={
+            "allow_http": bool(endpoint and endpoint.startswith("http://")),
+            "connect_timeout": connect,
+            "timeout": request,
+            "pool_max_idle_per_host": str(config.pool_size),
+        },
+        retry_config={
+            "max_retries": config.attempts - 1,
+            "retry_timeout": config.attempts * (connect + request),
+            "backoff": {
+                "init_backoff": timedelta(milliseconds=100),
+                "max_backoff": timedelta(seconds=1),
+                "base": 2,
+            },
+        },
+        **options,
+    )
 
 
 class ObjectStore:
     """The bucket and prefix of OBJECT_STORE_URL, through one pooled, thread-safe client.
 
-    Raises SettingsError when the client library is not installed or the endpoint is bad.
+    Raises SettingsError when the client libraries are not installed, the endpoint is
+    bad or AWS_PROFILE names no profile.
     """
 
     def __init__(self, config: ObjectStoreConfig) -> None:
         self.config = config
-        self._client = _boto3_client(config)
-        self.endpoint_url: str = _shown(self._client.meta.endpoint_url)
+        self._check_client, endpoint, self.region, credentials = _botocore(config)
+        self._credentials = _Credentials(credentials)
+        self._store = _obstore(config, endpoint, self.region, self._credentials)
+        self.endpoint_url: str = _shown(endpoint)
 
     def close(self) -> None:
-        """Close the pooled connections."""
-        self._client.close()
+        """Close the start-up check's connections (obstore's close with the store)."""
+        self._check_client.close()
 
     def key_for(self, relative_name: str) -> str:
         """PREFIX/ + `relative_name`: see ObjectStoreConfig.key_for."""
@@ -234,28 +217,30 @@ class ObjectStore:
         Raises SettingsError (one line naming the setting) for a missing bucket or refused
         credentials, ObjectStoreUnavailable for a store that cannot be reached or fails.
         """
-        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         prefix = f"{self.config.prefix}/" if self.config.prefix else ""
         try:
-            self._client.list_objects_v2(Bucket=self.config.bucket, Prefix=prefix, MaxKeys=1)
-        except (NoCredentialsError, PartialCredentialsError):
+            self._check_client.list_objects_v2(Bucket=self.config.bucket, Prefix=prefix, MaxKeys=1)
+        except NoCredentialsError:
             raise SettingsError(
                 "AWS credentials: none found (set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or give the host a role)"
             ) from None
         except ClientError as exc:
-            self._refused_at_start(exc)
-        except _failures() as exc:
-            self._raise_unavailable("list", prefix, exc)
+            self._refused_at_start(_status(exc), _code(exc))
+        except BotoCoreError as exc:
+            raise ObjectStoreUnavailable(
+                f"object store: list s3://{self.config.bucket}/{prefix} failed: "
+                f"could not reach {self.endpoint_url} ({type(exc).__name__})"
+            ) from None
 
-    def _refused_at_start(self, exc: Any) -> NoReturn:
-        status, code = _status(exc), _code(exc)
+    def _refused_at_start(self, status: int, code: str) -> NoReturn:
         where = f"s3://{self.config.bucket} at {self.endpoint_url}"
         if status >= 500 or status in (408, 429) or code in _THROTTLED:
-            self._raise_unavailable("list", "", exc)
+            raise ObjectStoreUnavailable(f"object store: list {where} failed: HTTP {status} {code}")
         if code in _REGION_CODES:
-            setting = f"S3_REGION: {where} wants another region"
+            setting = f"S3_REGION: {where} wants another region than {self.region}"
         elif code == "InvalidAccessKeyId":
             setting = f"AWS_ACCESS_KEY_ID: {where} does not know this access key"
         elif code == "SignatureDoesNotMatch":
@@ -272,55 +257,56 @@ class ObjectStore:
         raise SettingsError(f"{setting} (HTTP {status} {code})")
 
     def put_new(self, key: str, data: bytes, metadata: Mapping[str, str]) -> bool:
-        """Create `key` holding the JPEG `data`, unless the key exists (If-None-Match: *).
+        """Create `key` holding the JPEG `data`, unless the key exists (If-None-Match: *),
+        with its Content-Type, Cache-Control, metadata and SHA-256 checksum.
 
         True when created; False when the key was taken (412), by this frame or another:
-        compare `head(key).md5_hex`. Raises ObjectStoreUnavailable.
+        compare `head(key)`. Raises ObjectStoreUnavailable.
         """
-        from botocore.exceptions import ClientError
+        import obstore
+        from obstore.exceptions import AlreadyExistsError
 
+        attributes: dict[str, str] = {
+            "Content-Type": CONTENT_TYPE,
+            "Cache-Control": self.config.cache_control,
+            **encode_metadata(metadata),
+        }
+        started = time.monotonic()
         try:
-            self._client.put_object(
-                Bucket=self.config.bucket,
-                Key=key,
-                Body=data,
-                IfNoneMatch="*",
-                ContentMD5=content_md5(data),
-                ContentType=CONTENT_TYPE,
-                CacheControl=self.config.cache_control,
-                Metadata=encode_metadata(metadata),
+            obstore.put(
+                self._store, key, data, mode="create", attributes=attributes, use_multipart=False
             )
-        except ClientError as exc:
-            if _status(exc) == 412:
-                return False
-            self._raise_unavailable("PUT", key, exc)
+        except AlreadyExistsError:
+            return False
         except _failures() as exc:
-            self._raise_unavailable("PUT", key, exc)
+            self._raise_unavailable("PUT", key, exc, started)
         return True
 
     def head(self, key: str) -> ObjectInfo | None:
         """What the store holds at `key`, or None when nothing. Raises ObjectStoreUnavailable."""
-        from botocore.exceptions import ClientError
+        import obstore
 
+        started = time.monotonic()
         try:
-            found = self._client.head_object(Bucket=self.config.bucket, Key=key)
-        except ClientError as exc:
-            if _status(exc) == 404:
-                return None
-            self._raise_unavailable("HEAD", key, exc)
+            found = obstore.get(self._store, key, options={"head": True})
+        except FileNotFoundError:
+            return None
         except _failures() as exc:
-            self._raise_unavailable("HEAD", key, exc)
-        etag = found.get("ETag", "").strip('"')
-        encrypted = found.get("ServerSideEncryption", "").startswith("aws:kms")
-        plain = not encrypted and "SSECustomerAlgorithm" not in found
+            self._raise_unavailable("HEAD", key, exc, started)
+        etag = (found.meta.get("e_tag") or "").strip('"')
+        attributes = dict(found.attributes)
+        content_type = attributes.pop("Content-Type", None)
+        cache_control = attributes.pop("Cache-Control", None)
+        for standard in ("Content-Disposition", "Content-Encoding", "Content-Language"):
+            attributes.pop(standard, None)
         return ObjectInfo(
             key=key,
-            size=found["ContentLength"],
+            size=found.meta["size"],
             etag=etag,
-            md5_hex=etag if plain and _MD5_ETAG.fullmatch(etag) else None,
-            metadata=decode_metadata(found.get("Metadata", {})),
-            content_type=found.get("ContentType"),
-            cache_control=found.get("CacheControl"),
+            md5_hex=etag if _MD5_ETAG.fullmatch(etag) else None,
+            metadata=decode_metadata({k: str(v) for k, v in attributes.items()}),
+            content_type=content_type,
+            cache_control=cache_control,
         )
 
     def get(self, key: str) -> bytes | None:
@@ -328,65 +314,55 @@ class ObjectStore:
 
         Raises ObjectStoreUnavailable.
         """
-        from botocore.exceptions import ClientError
+        import obstore
 
+        started = time.monotonic()
         try:
-            found = self._client.get_object(Bucket=self.config.bucket, Key=key)
-            with found["Body"] as body:
-                return body.read()
-        except ClientError as exc:
-            if _code(exc) == "NoSuchKey":
-                return None
-            self._raise_unavailable("GET", key, exc)
+            return bytes(obstore.get(self._store, key).bytes())
+        except FileNotFoundError:
+            return None
         except _failures() as exc:
-            self._raise_unavailable("GET", key, exc)
+            self._raise_unavailable("GET", key, exc, started)
 
     def delete(self, key: str) -> None:
         """Remove `key` (nothing when it is gone already). Raises ObjectStoreUnavailable."""
+        import obstore
+
+        started = time.monotonic()
         try:
-            self._client.delete_object(Bucket=self.config.bucket, Key=key)
+            obstore.delete(self._store, key)
+        except FileNotFoundError:
+            return
         except _failures() as exc:
-            self._raise_unavailable("DELETE", key, exc)
+            self._raise_unavailable("DELETE", key, exc, started)
 
-    def _raise_unavailable(self, action: str, key: str, exc: Exception) -> NoReturn:
+    def _raise_unavailable(self, action: str, key: str, exc: Exception, started: float) -> NoReturn:
         where = f"s3://{self.config.bucket}/{key}"
-        raise ObjectStoreUnavailable(
-            f"object store: {action} {where} failed: {self._what(exc)}"
-        ) from None
+        what = self._what(exc, time.monotonic() - started)
+        raise ObjectStoreUnavailable(f"object store: {action} {where} failed: {what}") from None
 
-    def _what(self, exc: Exception) -> str:
-        """What happened, in words; never the request's headers or a credential."""
-        from botocore import exceptions as bx
+    def _what(self, exc: Exception, took_s: float) -> str:
+        """What happened, in words, from obstore's message: never a header or a credential."""
+        from obstore.exceptions import UnauthenticatedError
 
-        config, endpoint = self.config, self.endpoint_url
-        if isinstance(exc, bx.ClientError):
-            status, code = _status(exc), _code(exc)
-            hint = " (throttled)" if code in _THROTTLED or status == 429 else ""
-            return f"HTTP {status} {code}{hint} from {endpoint}"
-        known: list[tuple[type[Exception], str]] = [
-            (bx.ConnectTimeoutError, f"no connection to {endpoint} in {config.connect_timeout_s}s"),
-            (bx.ReadTimeoutError, f"{endpoint} did not answer in {config.read_timeout_s}s"),
-            (bx.EndpointConnectionError, f"could not connect to {endpoint}"),
-            (bx.ConnectionClosedError, f"{endpoint} closed the connection"),
-            (bx.NoCredentialsError, "no AWS credentials found"),
-        ]
-        for kind, words in known:
-            if isinstance(exc, kind):
-                return words
-        return f"{type(exc).__name__} talking to {endpoint}"
-
-
-_THROTTLED = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded"})
-_REGION_CODES = frozenset(
-    {"AuthorizationHeaderMalformed", "InvalidRegionName", "PermanentRedirect", "InvalidLocation"}
-)
+        text = str(exc)
+        status, code = _STATUS.search(text), _CODE.search(text)
+        if status:
+            number, name = status.group(1), code.group(1) if code else ""
+            throttled = " (throttled)" if name in _THROTTLED or number == "429" else ""
+            return f"HTTP {number} {name}{throttled} from {self.endpoint_url}"
+        if isinstance(exc, UnauthenticatedError):
+            return "no usable AWS credentials (the AWS chain found none, or refreshing failed)"
+        if took_s >= self.config.request_timeout_s * 0.95:
+            return f"{self.endpoint_url} did not answer in {self.config.request_timeout_s}s"
+        return f"could not reach {self.endpoint_url} (connection refused, reset or closed)"
 
 
 def _failures() -> tuple[type[Exception], ...]:
-    """What botocore raises for a request that failed: an answer, or none."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    """What obstore raises for a request that failed: its own errors and OSError's."""
+    from obstore.exceptions import BaseError
 
-    return (ClientError, BotoCoreError)
+    return (BaseError, OSError)
 
 
 def _status(exc: Any) -> int:
