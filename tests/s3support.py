@@ -54,7 +54,16 @@ ADMIN = Identity(
 )
 # May read objects, but neither list the bucket nor write: refused by ObjectStore.check.
 READER = Identity("read-only", "AKIARETURNERREADER1", "s3cr3t-R3ader-0f-the-tests/xyz", ("Read",))
-IDENTITIES = (ADMIN, READER)
+# Least privilege, as docs/object-storage.md has it for SeaweedFS: objects under
+# SCOPED_BUCKET/img/ only, and listing that bucket.
+SCOPED_BUCKET = "least-privilege"
+SCOPED = Identity(
+    "returner-scoped",
+    "AKIARETURNERSCOPED1",
+    "s3cr3t-Sc0ped-0f-the-tests/xyz",
+    (f"Read:{SCOPED_BUCKET}/img/*", f"Write:{SCOPED_BUCKET}/img/*", f"List:{SCOPED_BUCKET}"),
+)
+IDENTITIES = (ADMIN, READER, SCOPED)
 
 
 def weed_binary() -> str | None:
@@ -225,7 +234,10 @@ class SeaweedS3:
         return self._admin
 
     def create_bucket(self, name: str) -> str:
-        self.admin.create_bucket(Bucket=name)
+        """Create bucket `name` (one this server has already is fine)."""
+        taken = self.admin.exceptions
+        with contextlib.suppress(taken.BucketAlreadyOwnedByYou, taken.BucketAlreadyExists):
+            self.admin.create_bucket(Bucket=name)
         return name
 
     def stop(self, timeout_s: float = 15.0) -> None:
