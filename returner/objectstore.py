@@ -197,6 +197,7 @@ class ObjectStore:
         self._check_client, endpoint, self.region, credentials = _botocore(config)
         self._credentials = _Credentials(credentials)
         self._store = _obstore(config, endpoint, self.region, self._credentials)
+        self._on_aws = endpoint is None
         self.endpoint_url: str = _shown(endpoint)
 
     def close(self) -> None:
@@ -221,7 +222,9 @@ class ObjectStore:
 
         prefix = f"{self.config.prefix}/" if self.config.prefix else ""
         try:
-            self._check_client.list_objects_v2(Bucket=self.config.bucket, Prefix=prefix, MaxKeys=1)
+            listed = self._check_client.list_objects_v2(
+                Bucket=self.config.bucket, Prefix=prefix, MaxKeys=1
+            )
         except NoCredentialsError:
             raise SettingsError(
                 "AWS credentials: none found (set AWS_ACCESS_KEY_ID and "
@@ -234,6 +237,12 @@ class ObjectStore:
                 f"object store: list s3://{self.config.bucket}/{prefix} failed: "
                 f"could not reach {self.endpoint_url} ({type(exc).__name__})"
             ) from None
+        # botocore follows AWS's redirect to a bucket's region; obstore would not.
+        actual = listed["ResponseMetadata"]["HTTPHeaders"].get("x-amz-bucket-region")
+        if self._on_aws and actual and actual != self.region:
+            raise SettingsError(
+                f"S3_REGION: bucket {self.config.bucket!r} is in {actual}, not {self.region}"
+            )
 
     def _refused_at_start(self, status: int, code: str) -> NoReturn:
         where = f"s3://{self.config.bucket} at {self.endpoint_url}"
