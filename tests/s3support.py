@@ -33,6 +33,7 @@ from typing import Any
 
 GRPC_OFFSET = 10_000
 REGION = "us-east-1"
+PROBE_BUCKET = "readiness-probe"  # where start() writes and reads to know the server is up
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,11 @@ class SeaweedS3:
         self.identities_file.chmod(0o600)
 
     def _wait_ready(self, timeout_s: float) -> bool:
-        """Poll a signed ListBuckets until it succeeds; False if the server exited."""
+        """Poll until an object can be written and read back; False if the server exited.
+
+        The S3 port answers (and HEAD works, from the filer's metadata) before the volume
+        server has registered with the master: until then a GET is a 500 InternalError.
+        """
         from botocore.exceptions import BotoCoreError, ClientError
 
         client = s3_client(self.endpoint, connect_timeout=0.5, read_timeout=2)
@@ -219,12 +224,19 @@ class SeaweedS3:
             if self.proc.poll() is not None:
                 return False
             try:
-                client.list_buckets()
+                self._probe(client)
                 self._admin = client
                 return True
             except (BotoCoreError, ClientError):
                 time.sleep(0.05)
         return False
+
+    @staticmethod
+    def _probe(client: Any) -> None:
+        if PROBE_BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+            client.create_bucket(Bucket=PROBE_BUCKET)
+        client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ready")
+        assert client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read() == b"ready"
 
     @property
     def admin(self) -> Any:

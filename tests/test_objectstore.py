@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from botocore.exceptions import ClientError
 from returner.embedded import free_port
 from returner.encode import JpegOptions, encode
 from returner.errors import ObjectStoreUnavailable, SettingsError
-from returner.objectstore import INSTALL, ObjectStore
+from returner.objectstore import CREDENTIALS_TTL, INSTALL, ObjectStore
 from returner.s3config import (
     METADATA_VALUE_MAX,
     ObjectStoreConfig,
@@ -189,6 +190,40 @@ def test_long_metadata_is_cut_between_escapes() -> None:
     assert decode_metadata(sent)["image-id"] == "é" * (len(sent["image-id"]) // 6)
     total = sum(len(k) + len(v) for k, v in sent.items())
     assert total <= 2048  # S3's limit on user metadata
+
+
+@pytest.mark.parametrize(("endpoint", "style", "expected"), [
+    (None, "auto", (None, "true")),  # AWS: virtual-hosted
+    ("https://acc.r2.cloudflarestorage.com", "auto", ("https://acc.r2.cloudflarestorage.com",
+                                                      "false")),
+    ("http://127.0.0.1:8333", "path", ("http://127.0.0.1:8333", "false")),
+    ("https://minio.example.com:9000", "virtual", ("https://images.minio.example.com:9000",
+                                                   "true")),
+])  # fmt: skip
+def test_addressing_styles_reach_the_uploads(
+    monkeypatch: pytest.MonkeyPatch, s3_server: SeaweedS3, endpoint: str | None, style: Any,
+    expected: tuple[str | None, str],
+) -> None:  # fmt: skip
+    use_identity(monkeypatch, s3_server, ADMIN)
+    made = ObjectStore(ObjectStoreConfig(url="s3://images/x", endpoint_url=endpoint,
+                                         addressing_style=style))  # fmt: skip
+    uploads = made._store.config  # what obstore was given; nothing is sent here
+    assert (uploads.get("endpoint"), uploads["virtual_hosted_style_request"]) == expected
+    assert made.endpoint_url == (endpoint or "AWS S3")
+
+
+def test_uploads_get_the_chains_credentials_for_a_few_minutes(
+    monkeypatch: pytest.MonkeyPatch, s3_server: SeaweedS3
+) -> None:
+    use_identity(monkeypatch, s3_server, ADMIN)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "a-session-token")
+    made = store_at(s3_server.endpoint, "images")
+    given = made._credentials()
+    assert (given["access_key_id"], given["secret_access_key"], given["token"]) == (
+        ADMIN.access_key, ADMIN.secret_key, "a-session-token"
+    )  # fmt: skip
+    left = given["expires_at"] - datetime.now(UTC)
+    assert timedelta(minutes=5) < left <= CREDENTIALS_TTL  # asked again about once a minute
 
 
 # ---------------------------------------------------------------- settings
