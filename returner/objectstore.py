@@ -99,14 +99,15 @@ class _Credentials:
 def _botocore(config: ObjectStoreConfig) -> tuple[Any, str | None, str, Any]:
     """botocore's session: (check client, configured endpoint, region, credentials).
 
-    Raises SettingsError for a missing library, a bad endpoint or an unknown profile.
+    Raises SettingsError for a missing library, a bad endpoint, an unknown profile or
+    AWS configuration botocore cannot read.
     """
     try:
         import botocore.session
         import obstore  # noqa: F401 (both libraries, or neither)
         from botocore.config import Config
         from botocore.configprovider import ConfiguredEndpointProvider
-        from botocore.exceptions import ProfileNotFound
+        from botocore.exceptions import BotoCoreError, ProfileNotFound
     except ImportError:
         raise SettingsError(INSTALL) from None
     session = botocore.session.Session()
@@ -123,6 +124,8 @@ def _botocore(config: ObjectStoreConfig) -> tuple[Any, str | None, str, Any]:
         credentials = session.get_credentials()
     except ProfileNotFound as exc:
         raise SettingsError(f"AWS_PROFILE: {exc}") from None
+    except BotoCoreError as exc:  # a broken ~/.aws/config, a failing credential_process
+        raise SettingsError(f"AWS credentials: {type(exc).__name__}: {str(exc)[:200]}") from None
     client_config = Config(
         connect_timeout=config.connect_timeout_s,
         read_timeout=config.request_timeout_s,

@@ -476,6 +476,15 @@ def test_check_stops_without_credentials(monkeypatch: pytest.MonkeyPatch, s3_ser
     assert "no usable AWS credentials" in str(raised)
 
 
+def test_an_unknown_profile_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch,
+                                                 s3_server: SeaweedS3) -> None:  # fmt: skip
+    use_identity(monkeypatch, s3_server, ADMIN)
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    with pytest.raises(SettingsError) as caught:
+        store_at(s3_server.endpoint, "images")
+    assert str(caught.value).startswith("AWS_PROFILE: ") and "no-such-profile" in str(caught.value)
+
+
 def test_an_unreachable_endpoint_is_transient(as_admin: SeaweedS3, s3_bucket: str) -> None:
     nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     made = store_at(nobody, s3_bucket)
