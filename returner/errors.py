@@ -37,3 +37,8 @@ class RedisUnavailable(TransientError):
 
 class DiskError(TransientError):
     """Writing to OUTPUT_DIR failed (full disk, I/O error); the worker pauses."""
+
+
+class ObjectStoreUnavailable(TransientError):
+    """The object store could not be reached, timed out, throttled or answered with an
+    error; the worker pauses as on a failing disk."""

