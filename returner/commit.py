@@ -10,18 +10,21 @@ same task never both record it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from returner.errors import DiskError
+from returner.errors import DiskError, TransientError
 from returner.files import OutputDir
-from returner.output import LocalFiles, Output
-from returner.settings import Settings
-from returner.store import Record, Store, Tx, as_disk_error, timestamp
+from returner.objectstore import ObjectStore
+from returner.output import LocalFiles, Output, Placed
+from returner.settings import Settings, object_store_config
+from returner.store import Record, Recorded, Store, Tx, as_disk_error, timestamp
 from returner.task import Decision, Kind, Outcome
 from returner.view import View
 
@@ -57,20 +60,31 @@ class Committer:
         layout: str = "flat",
         view_entries: int = 1000,
         retention_days: int = 0,
+        output: Callable[[OutputDir], Output] = LocalFiles,
     ) -> Committer:
-        """The results of `directory`, JPEGs in it. Raises SettingsError (a directory
-        others could change) or DiskError."""
+        """The results of `directory`, JPEGs in `output` (made for the directory; files
+        in it by default). Raises SettingsError (a directory others could change, an
+        object store it cannot use) or DiskError."""
         out = OutputDir(directory, layout)
         store = Store(out.root)
-        return cls(out, store, LocalFiles(out), View(out, view_entries), retention_days)
+        return cls(out, store, output(out), View(out, view_entries), retention_days)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Committer:
+        """The results as the settings describe them: JPEGs in OUTPUT_DIR, or in the
+        object store of OBJECT_STORE_URL. Raises SettingsError or DiskError."""
+        config = object_store_config(settings)
+
+        def output(out: OutputDir) -> Output:
+            if config is None:
+                return LocalFiles(out, settings.public_base_url)
+            from returner.objects import Objects  # the s3 extra's libraries load here
+
+            return Objects(ObjectStore(config), daily=settings.output_layout == "daily")
+
+        s = settings
         return cls.at(
-            settings.output_dir,
-            settings.output_layout,
-            settings.results_json_entries,
-            settings.results_retention_days,
+            s.output_dir, s.output_layout, s.results_json_entries, s.results_retention_days, output
         )
 
     def open(self) -> None:
@@ -105,13 +119,19 @@ class Committer:
 
     def is_completed(self, key: tuple[str, str] | None) -> bool:
         """Whether the task has a completed record (from any thread). Raises DiskError."""
-        return key is not None and self.store.completed(*key)
+        return self.recorded(key) is not None
+
+    def recorded(self, key: tuple[str, str] | None) -> Recorded | None:
+        """The task's completed record, if any (from any thread). Raises DiskError."""
+        return None if key is None else self.store.completed(*key)
 
     def commit(self, outcomes: list[Outcome]) -> list[Decision]:
         """Record the outcomes in one transaction, then put their JPEGs in place.
 
-        Raises DiskError: before the commit the batch's JPEGs are discarded and nothing
-        is recorded; after it, the records stand and a retry finds them completed.
+        Raises DiskError: before the commit nothing is recorded (and the output keeps or
+        drops the batch's JPEGs, as a retry needs them); after it, the records stand and
+        a retry finds them completed. A JPEG that turned out not to be needed and could
+        not be discarded leaves its delivery pending (PAUSE): its next delivery does it.
         """
         stamp = timestamp()
         try:
@@ -120,19 +140,30 @@ class Committer:
                 decisions = [self._decide_alone(tx, outcome, stamp) for outcome in outcomes]
         except DiskError:
             for outcome in outcomes:
-                self._discard(outcome)
+                if outcome.staged is not None:
+                    self.output.abandon(outcome.staged)
             raise
         placed = []
         for d in decisions:
-            if d.kind is Kind.COMPLETED and d.outcome.staged is not None:
-                placed.append((d.outcome.staged, d.file_path))
+            if d.kind is Kind.COMPLETED and d.outcome.staged is not None and d.image_url:
+                placed.append((d.outcome.staged, Placed(d.file_path, d.image_url)))
         self.output.finish(placed)
         self._dirty = True
-        return decisions
+        return [self._discard_unneeded(d) for d in decisions]
 
-    def _discard(self, outcome: Outcome) -> None:
-        if outcome.staged is not None:
-            self.output.discard(outcome.staged)
+    def _discard_unneeded(self, decision: Decision) -> Decision:
+        staged = decision.outcome.staged
+        if staged is None or decision.kind is Kind.COMPLETED:
+            return decision
+        try:
+            self.output.discard(staged)
+        except TransientError as exc:
+            log.warning(
+                "could not discard the JPEG of entry %s: %s", decision.outcome.entry.id, exc
+            )
+            decision.outcome.pause(exc)
+            return dataclasses.replace(decision, kind=Kind.PAUSE)
+        return decision
 
     def _decide_alone(self, tx: Tx, outcome: Outcome, stamp: str) -> Decision:
         """Decide one outcome in a savepoint of its own: an unforeseen error leaves it
@@ -146,31 +177,42 @@ class Committer:
             except Exception:
                 log.exception("committing entry %s failed; left pending", outcome.entry.id)
                 undo()
-        self._discard(outcome)
+        if outcome.staged is not None:
+            self.output.abandon(outcome.staged)
+            outcome.staged = None
         return Decision(outcome, Kind.RETRY, stamp)
 
     def _decide(self, tx: Tx, outcome: Outcome, stamp: str) -> Decision:
         if not outcome.kind.settles:
             return Decision(outcome, outcome.kind, stamp)
         key = outcome.key
-        recorded = tx.completed_path(*key) if key else None
+        recorded = tx.completed(*key) if key else None
         if recorded is not None or outcome.kind is Kind.DUPLICATE:
-            self._discard(outcome)
-            if recorded:
-                self.output.ensure(tx, recorded)
-            return Decision(outcome, Kind.DUPLICATE, stamp, Path(recorded) if recorded else None)
+            return self._duplicate(tx, outcome, stamp, recorded)
         entry = outcome.entry
         if outcome.kind is Kind.COMPLETED:
             assert outcome.staged is not None and key is not None
-            path = self.output.place(tx, outcome.staged, key[1], entry.millis)
-            file_path = str(path) if path else None
-            tx.insert(Record(stamp, *key, file_path, "completed", None, entry.id))
-            return Decision(outcome, Kind.COMPLETED, stamp, path)
+            at = self.output.place(tx, outcome.staged, key[1], entry.millis)
+            path = str(at.file_path) if at.file_path else None
+            tx.insert(Record(stamp, *key, path, at.image_url, "completed", None, entry.id))
+            return Decision(outcome, Kind.COMPLETED, stamp, at.file_path, at.image_url)
         error = outcome.error or "failed"
-        tx.insert(
-            Record(stamp, outcome.request_id, outcome.image_id, None, "failed", error, entry.id)
-        )
+        ids = outcome.request_id, outcome.image_id
+        tx.insert(Record(stamp, *ids, None, None, "failed", error, entry.id))
         return Decision(outcome, outcome.kind, stamp)
+
+    def _duplicate(
+        self, tx: Tx, outcome: Outcome, stamp: str, recorded: Recorded | None
+    ) -> Decision:
+        """A task completed before: its event carries the earlier record's JPEG, which
+        must be in place; a JPEG this delivery staged is not needed, unless it is that
+        one (another delivery of the same entry found it)."""
+        path, url = recorded or (None, None)
+        if path:
+            self.output.ensure(tx, path)
+        if outcome.staged is not None and url is not None and outcome.staged.url == url:
+            outcome.staged = None
+        return Decision(outcome, Kind.DUPLICATE, stamp, Path(path) if path else None, url)
 
     def _maintain(self, conn: sqlite3.Connection) -> None:
         """The view at most a second behind, retention in small steps, sweeps."""

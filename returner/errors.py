@@ -41,4 +41,9 @@ class DiskError(TransientError):
 
 class ObjectStoreUnavailable(TransientError):
     """The object store could not be reached, timed out, throttled or answered with an
-    error; the worker pauses as on a failing disk."""
+    error; the worker pauses as on a failing disk. `kind` says which, for the metric:
+    unreachable, timeout, throttled or refused."""
+
+    def __init__(self, message: str, kind: str = "unreachable") -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -26,7 +26,9 @@ __all__ = ["OUTCOMES", "Health", "Metrics", "MetricsServer"]
 STAGES = ("load", "encode", "write", "commit", "ack")
 # missing_segment: a task failed because its segment did not exist, usually a renderer
 # whose resource tracker unlinked it (docs/getting-started.md, writing a renderer).
-ERROR_KINDS = ("redis", "disk", "task", "missing_segment")
+ERROR_KINDS = ("redis", "disk", "object_store", "task", "missing_segment")
+UPLOAD_ERROR_KINDS = ("unreachable", "timeout", "throttled", "refused")
+_UPLOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _STAGE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 _DELIVERY_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 20)
@@ -78,7 +80,9 @@ class Metrics:
             "returner_events", "Events emitted on {L}:events, one per delivery this worker settled."
         )
         self.errors = counter(
-            "returner_errors", "Errors by kind: redis, disk, task, missing_segment.", ["kind"]
+            "returner_errors",
+            "Errors by kind: redis, disk, object_store, task, missing_segment.",
+            ["kind"],
         )
         self.reconnects = counter(
             "returner_redis_reconnects", "Times Redis answered again after failing."
@@ -94,12 +98,24 @@ class Metrics:
             "Age of the oldest pending entry (since it entered the stream).",
         )
         self.dead_letters = gauge("returner_dead_letters", "Entries in the dead-letter stream.")
+        self.uploads = histogram(
+            "returner_upload_duration_seconds",
+            "Conditional creates of JPEGs in the object store that succeeded (OBJECT_STORE_URL).",
+            buckets=_UPLOAD_BUCKETS,
+        )
+        self.upload_errors = counter(
+            "returner_upload_errors",
+            "Object-store requests that failed: unreachable, timeout, throttled, refused.",
+            ["kind"],
+        )
         for outcome in OUTCOMES:
             self.tasks.labels(outcome=outcome.value)
         for stage in STAGES:
             self.stage.labels(stage=stage)
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)
+        for kind in UPLOAD_ERROR_KINDS:
+            self.upload_errors.labels(kind=kind)
 
     def settled(self, decision: Decision, latency_s: float) -> None:
         """Count one settled delivery, `latency_s` after its task entered the stream."""
@@ -111,6 +127,8 @@ class Metrics:
         self.deliveries.observe(outcome.entry.deliveries)
         if kind is Kind.COMPLETED and outcome.staged is not None:
             self.bytes_written.inc(outcome.staged.size)
+            if outcome.staged.url is not None:  # an object: its write was the upload
+                self.uploads.observe(outcome.timings.get("write", 0.0))
         for stage, seconds in outcome.timings.items():
             self.stage.labels(stage=stage).observe(seconds)
 
@@ -132,7 +150,7 @@ class Health:
     def __init__(self, stuck_after_s: float = 120.0) -> None:
         self.stuck_after_s = stuck_after_s
         self.redis_ok = False
-        self.paused = False
+        self.paused: str | None = None  # what is failing: "output disk", "object store"
         self._tick = time.monotonic()
         self._progress = time.monotonic()
         self._holding_since: float | None = None
@@ -165,7 +183,7 @@ class Health:
         if not ok:
             return ok, why
         if self.paused:
-            return False, "paused: the output disk is failing"
+            return False, f"paused: the {self.paused} is failing"
         now = time.monotonic()
         held = now - self._holding_since if self._holding_since is not None else 0.0
         idle = now - self._progress

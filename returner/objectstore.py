@@ -336,6 +336,25 @@ class ObjectStore:
         except _failures() as exc:
             self._raise_unavailable("GET", key, exc, started)
 
+    def keys(self, prefix: str) -> list[str]:
+        """The keys that start with `prefix` (a string prefix, not a directory), at most
+        1000. Raises ObjectStoreUnavailable."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        started = time.monotonic()
+        try:
+            listed = self._check_client.list_objects_v2(
+                Bucket=self.config.bucket, Prefix=prefix, MaxKeys=1000
+            )
+        except ClientError as exc:
+            raise ObjectStoreUnavailable(
+                f"object store: LIST s3://{self.config.bucket}/{prefix} failed: "
+                f"HTTP {_status(exc)} {_code(exc)} from {self.endpoint_url}"
+            ) from None
+        except BotoCoreError as exc:
+            self._raise_unavailable("LIST", prefix, exc, started)
+        return [str(item["Key"]) for item in listed.get("Contents", [])]
+
     def delete(self, key: str) -> None:
         """Remove `key` (nothing when it is gone already). Raises ObjectStoreUnavailable."""
         import obstore
@@ -350,24 +369,36 @@ class ObjectStore:
 
     def _raise_unavailable(self, action: str, key: str, exc: Exception, started: float) -> NoReturn:
         where = f"s3://{self.config.bucket}/{key}"
-        what = self._what(exc, time.monotonic() - started)
-        raise ObjectStoreUnavailable(f"object store: {action} {where} failed: {what}") from None
+        kind, what = self._what(exc, time.monotonic() - started)
+        message = f"object store: {action} {where} failed: {what}"
+        raise ObjectStoreUnavailable(message, kind) from None
 
-    def _what(self, exc: Exception, took_s: float) -> str:
-        """What happened, in words, from obstore's message: never a header or a credential."""
+    def _what(self, exc: Exception, took_s: float) -> tuple[str, str]:
+        """What happened, as an error kind and in words, from obstore's message: never a
+        header or a credential."""
         from obstore.exceptions import UnauthenticatedError
 
         text = str(exc)
         status, code = _STATUS.search(text), _CODE.search(text)
         if status:
             number, name = status.group(1), code.group(1) if code else ""
-            throttled = " (throttled)" if name in _THROTTLED or number == "429" else ""
-            return f"HTTP {number} {name}{throttled} from {self.endpoint_url}"
+            throttled = name in _THROTTLED or number == "429"
+            shown = f"HTTP {number} {name}{' (throttled)' if throttled else ''}"
+            return ("throttled" if throttled else "refused"), f"{shown} from {self.endpoint_url}"
         if isinstance(exc, UnauthenticatedError):
-            return "no usable AWS credentials (the AWS chain found none, or refreshing failed)"
+            return (
+                "refused",
+                "no usable AWS credentials (the AWS chain found none, or refreshing failed)",
+            )
         if took_s >= self.config.request_timeout_s * 0.95:
-            return f"{self.endpoint_url} did not answer in {self.config.request_timeout_s}s"
-        return f"could not reach {self.endpoint_url} (connection refused, reset or closed)"
+            return (
+                "timeout",
+                f"{self.endpoint_url} did not answer in {self.config.request_timeout_s}s",
+            )
+        return (
+            "unreachable",
+            f"could not reach {self.endpoint_url} (connection refused, reset or closed)",
+        )
 
 
 def _failures() -> tuple[type[Exception], ...]:

@@ -23,8 +23,10 @@ import contextlib
 import logging
 import os
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Protocol
+from urllib.parse import quote
 
 from returner.errors import DiskError
 from returner.files import (
@@ -37,34 +39,59 @@ from returner.files import (
     write_file,
 )
 from returner.store import Store, Tx
-from returner.task import Staged, echo
+from returner.task import Outcome, Staged, echo
 
 log = logging.getLogger(__name__)
 
 
-class Output(Protocol):
-    """Where JPEGs go; every method but `stage` runs on the committing thread."""
+@dataclass(frozen=True)
+class Placed:
+    """Where a committed JPEG is: the record's file_path (None for an object) and its
+    image_url."""
 
-    def stage(self, data: bytes) -> Staged:
-        """Put an encoded JPEG where it goes, durably, under no final name yet (on an
-        I/O thread). Raises a TransientError (DiskError) when the output fails."""
+    file_path: Path | None
+    image_url: str
+
+
+class Output(Protocol):
+    """Where JPEGs go. `stage` and `forget` run on I/O threads, the rest on the
+    committing thread."""
+
+    # Whether a redelivery that does not complete must `forget` what an earlier delivery
+    # of its entry may have staged (a crash between staging and committing).
+    forgets: bool
+
+    def stage(self, data: bytes, outcome: Outcome) -> Staged:
+        """Put an encoded JPEG where it goes, durably, under no record yet. Raises a
+        TransientError when the output fails."""
+
+    def check(self) -> None:
+        """At start: refuse what can never work (SettingsError, one line); a failing but
+        usable output is a TransientError."""
 
     def begin(self, tx: Tx) -> None:
         """The first step of every commit's transaction."""
 
-    def place(self, tx: Tx, staged: Staged, image_id: str, millis: int) -> Path | None:
-        """Inside the commit: give a staged JPEG its final name; the file_path its
-        record holds."""
+    def place(self, tx: Tx, staged: Staged, image_id: str, millis: int) -> Placed:
+        """Inside the commit: where a staged JPEG is for its record."""
 
     def ensure(self, tx: Tx, recorded: str) -> None:
         """Inside the commit of a duplicate: make sure the JPEG its earlier record holds
         is in place (another process may have died placing it)."""
 
-    def finish(self, placed: list[tuple[Staged, Path | None]]) -> None:
+    def finish(self, placed: list[tuple[Staged, Placed]]) -> None:
         """After the commit is durable: complete the placing. Raises DiskError."""
 
     def discard(self, staged: Staged) -> None:
-        """Remove a staged JPEG that no record will hold."""
+        """After the commit: remove a staged JPEG that no record holds. Raises a
+        TransientError."""
+
+    def abandon(self, staged: Staged) -> None:
+        """A staged JPEG whose commit failed: remove it, or keep it for the retry."""
+
+    def forget(self, outcome: Outcome, recorded_url: str | None) -> None:
+        """Remove what an earlier delivery of the outcome's entry staged, but the JPEG of
+        `recorded_url`. Raises a TransientError."""
 
     def sweep(self, store: Store, conn: sqlite3.Connection) -> None:
         """Complete what processes that died left half done."""
@@ -75,16 +102,22 @@ class Output(Protocol):
 
 
 class LocalFiles:
-    """JPEG files in OUTPUT_DIR (its layout flat or daily)."""
+    """JPEG files in OUTPUT_DIR (its layout flat or daily); their image_url is
+    `public_base_url/` + the path relative to OUTPUT_DIR, else a file:// URL."""
 
-    def __init__(self, out: OutputDir) -> None:
-        self.out = out
+    forgets = False  # a dead writer's temp files are swept instead
+
+    def __init__(self, out: OutputDir, public_base_url: str | None = None) -> None:
+        self.out, self.public_base_url = out, public_base_url
         self._placed = True  # the moves of our last commit are done
 
-    def stage(self, data: bytes) -> Staged:
+    def stage(self, data: bytes, outcome: Outcome | None = None) -> Staged:
         temp = self.out.temp_path()
         write_file(temp, data)
         return Staged(str(temp), len(data))
+
+    def check(self) -> None:
+        return None  # OUTPUT_DIR was checked when it was opened
 
     def begin(self, tx: Tx) -> None:
         if self._placed:
@@ -92,10 +125,16 @@ class LocalFiles:
         else:  # the renames after our last commit failed: do them now
             self._finish(tx, self.out.writer)
 
-    def place(self, tx: Tx, staged: Staged, image_id: str, millis: int) -> Path | None:
+    def place(self, tx: Tx, staged: Staged, image_id: str, millis: int) -> Placed:
         name = self._free_name(tx, image_id, millis)
         tx.add_move(self.out.writer, str(self.out.inside(staged.ref)), str(name))
-        return self.out.path / name
+        return Placed(self.out.path / name, self.url_for(name))
+
+    def url_for(self, name: PurePath) -> str:
+        """The image_url of the JPEG at `name` (relative to OUTPUT_DIR)."""
+        if self.public_base_url:
+            return f"{self.public_base_url}/{quote(name.as_posix())}"
+        return (self.out.path / name).as_uri()
 
     def ensure(self, tx: Tx, recorded: str) -> None:
         # Ours are all of this transaction, which renames them itself once committed.
@@ -104,12 +143,12 @@ class LocalFiles:
             moves = tx.moves(final=str(target))
             self._move([m for m in moves if m[0] != self.out.writer])
 
-    def finish(self, placed: list[tuple[Staged, Path | None]]) -> None:
+    def finish(self, placed: list[tuple[Staged, Placed]]) -> None:
         self._placed = False
         moves = [
-            (Path(staged.ref), self.out.here(path.relative_to(self.out.path)))
-            for staged, path in placed
-            if path is not None
+            (Path(staged.ref), self.out.here(at.file_path.relative_to(self.out.path)))
+            for staged, at in placed
+            if at.file_path is not None
         ]
         try:
             move_all(moves)
@@ -119,6 +158,12 @@ class LocalFiles:
 
     def discard(self, staged: Staged) -> None:
         discard(staged.ref)
+
+    def abandon(self, staged: Staged) -> None:
+        discard(staged.ref)
+
+    def forget(self, outcome: Outcome, recorded_url: str | None) -> None:
+        return None
 
     def sweep(self, store: Store, conn: sqlite3.Connection) -> None:
         """Finish the moves of writers that died, and remove their temp files."""

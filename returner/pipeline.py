@@ -52,11 +52,12 @@ class Pipeline:
         self.encoders.shutdown(wait=True)
         self.io.shutdown(wait=True)
 
-    def submit(self, entries: Sequence[Entry]) -> Flight:
+    def submit(self, entries: Sequence[Entry], retried: bool = False) -> Flight:
+        """Process entries (`retried`: again, after the output failed them)."""
         futures: list[Future[Outcome]] = []
         for entry in entries:
             future: Future[Outcome] = Future()
-            self.encoders.submit(self._encode_stage, entry, future)
+            self.encoders.submit(self._encode_stage, entry, future, retried)
             futures.append(future)
         return Flight(list(entries), futures)
 
@@ -76,13 +77,16 @@ class Pipeline:
         """Unlink segments on the I/O threads (freeing a frame's pages costs a core ~0.5 ms)."""
         return list(self.io.map(frames.unlink, shm_names))
 
-    def _encode_stage(self, entry: Entry, future: Future[Outcome]) -> None:
+    def _encode_stage(self, entry: Entry, future: Future[Outcome], retried: bool) -> None:
         try:
             outcome = self.process(entry)
-            if outcome.data is None:
-                future.set_result(outcome)
-            else:
+            outcome.retried = retried
+            if outcome.data is not None:
                 self.io.submit(self._write_stage, outcome, future)
+            elif self._may_have_staged(outcome):
+                self.io.submit(self._forget_stage, outcome, future)
+            else:
+                future.set_result(outcome)
         except BaseException as exc:  # never leave a future unresolved
             if not future.done():
                 future.set_exception(exc)
@@ -91,15 +95,30 @@ class Pipeline:
         assert outcome.data is not None
         started = time.perf_counter()
         try:
-            outcome.staged = self.results.output.stage(outcome.data)
+            outcome.staged = self.results.output.stage(outcome.data, outcome)
             outcome.kind = Kind.COMPLETED
         except TransientError as exc:  # the output is failing: pause
-            outcome.kind, outcome.error = Kind.PAUSE, str(exc)
+            outcome.pause(exc)
         except Exception as exc:  # pragma: no cover - an unforeseen fault: stays pending
             log.exception("writing %s failed unexpectedly", outcome.entry.id)
             outcome.error = f"{type(exc).__name__}: {exc}"
         outcome.data = None
         outcome.timings["write"] = time.perf_counter() - started
+        future.set_result(outcome)
+
+    def _may_have_staged(self, outcome: Outcome) -> bool:
+        """Whether an earlier delivery may have staged a JPEG this one will not commit."""
+        earlier = outcome.entry.deliveries > 1 or outcome.retried
+        return earlier and outcome.kind.settles and self.results.output.forgets
+
+    def _forget_stage(self, outcome: Outcome, future: Future[Outcome]) -> None:
+        try:
+            self.results.output.forget(outcome, outcome.recorded_url)
+        except TransientError as exc:  # the output is failing: pause, then again
+            outcome.pause(exc)
+        except Exception as exc:  # pragma: no cover - an unforeseen fault: stays pending
+            log.exception("removing what %s staged before failed unexpectedly", outcome.entry.id)
+            outcome.kind, outcome.error = Kind.RETRY, f"{type(exc).__name__}: {exc}"
         future.set_result(outcome)
 
     def process(self, entry: Entry) -> Outcome:
@@ -110,12 +129,13 @@ class Pipeline:
         rid, iid, shm_name = read_ids(entry.payload)
         outcome = Outcome(entry, Kind.RETRY, rid, iid)
         try:
-            duplicate = self.results.is_completed(outcome.key)
+            recorded = self.results.recorded(outcome.key)
         except DiskError as exc:
-            outcome.kind, outcome.error = Kind.PAUSE, str(exc)
+            outcome.pause(exc)
             return outcome
-        if duplicate:
+        if recorded is not None:
             outcome.kind, outcome.shm_name = Kind.DUPLICATE, self._safe(shm_name)
+            outcome.recorded_url = recorded[1]
             return outcome
         if entry.deliveries > self.max_deliveries:
             outcome.kind = Kind.DEAD_LETTERED
@@ -137,7 +157,7 @@ class Pipeline:
         except TransientError as exc:
             outcome.error = str(exc)
             if isinstance(exc, DiskError):
-                outcome.kind = Kind.PAUSE
+                outcome.pause(exc)
         except Exception as exc:  # a bug or an unforeseen fault: leave it pending
             log.exception(
                 "task %s/%s: unexpected error; left pending for a retry", brief(rid), brief(iid)

@@ -18,7 +18,7 @@ from returner.errors import DiskError
 from returner.metrics import Health, Metrics
 from returner.retry import RedisCalls
 from returner.stream import Consumer
-from returner.task import Decision, Entry, Kind, Outcome, brief
+from returner.task import Decision, Kind, Outcome, brief
 
 # Task lines keep the logger name operators filter on (the "logger" of LOG_FORMAT=json).
 log = logging.getLogger("returner.worker")
@@ -57,17 +57,19 @@ class Settler:
         self.redis, self.metrics, self.health = redis, metrics, health
         self.tally = Tally()
 
-    def settle(self, outcomes: list[Outcome]) -> list[Entry]:
-        """Commit, release segments, then ack or dead-letter; the entries to try again
-        once the output works. Raises Stopping when asked to stop while Redis is down
-        (the entries stay pending)."""
+    def settle(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """Commit, release segments, then ack or dead-letter; the outcomes to try again
+        once the output works (PAUSE). Raises Stopping when asked to stop while Redis is
+        down (the entries stay pending)."""
         started = time.perf_counter()
         try:
             committed = self.committer.commit(outcomes)
         except DiskError as exc:
             self.metrics.errors.labels(kind="disk").inc()
             log.error("cannot commit results: %s", exc)
-            return [o.entry for o in outcomes]
+            for outcome in outcomes:
+                outcome.pause(exc)
+            return outcomes
         done = time.perf_counter()
         self.metrics.stage.labels(stage="commit").observe(done - started)
         settling = [d for d in committed if d.kind.settles]
@@ -81,7 +83,12 @@ class Settler:
                 self._left_pending(decision.outcome)
         self.metrics.stage.labels(stage="ack").observe(time.perf_counter() - done)
         self.health.progressed()
-        return [d.outcome.entry for d in committed if d.kind is Kind.PAUSE]
+        paused = [d.outcome for d in committed if d.kind is Kind.PAUSE]
+        for outcome in paused:
+            self.metrics.errors.labels(kind=outcome.failing).inc()
+            if outcome.failure:
+                self.metrics.upload_errors.labels(kind=outcome.failure).inc()
+        return paused
 
     def _release(self, settling: list[Decision]) -> set[str]:
         """Unlink the segments of settled outcomes; the IDs of entries whose segment went."""

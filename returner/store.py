@@ -36,7 +36,16 @@ from returner.errors import DiskError
 from returner.files import STORE
 from returner.task import encodable
 
-FIELDS = ("timestamp", "request_id", "image_id", "file_path", "status", "error", "entry_id")
+FIELDS = (
+    "timestamp",
+    "request_id",
+    "image_id",
+    "file_path",
+    "image_url",
+    "status",
+    "error",
+    "entry_id",
+)
 # A writer waits this long for another's transaction before calling the disk failing.
 BUSY_TIMEOUT_S = 10.0
 # After a checkpoint the WAL is cut back to this size (it grows during an import).
@@ -51,6 +60,7 @@ CREATE TABLE IF NOT EXISTS records (
     request_id TEXT,
     image_id TEXT,
     file_path TEXT,
+    image_url TEXT,
     status TEXT NOT NULL,
     error TEXT,
     entry_id TEXT
@@ -60,11 +70,13 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 # Built after an import (much faster than keeping it up while inserting).
 _INDEX = "CREATE INDEX IF NOT EXISTS records_key ON records (request_id, image_id)"
-_INSERT = f"INSERT INTO records ({', '.join(FIELDS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT = f"INSERT INTO records ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
 _COMPLETED = (
-    "SELECT file_path FROM records WHERE request_id = ? AND image_id = ?"
+    "SELECT file_path, image_url FROM records WHERE request_id = ? AND image_id = ?"
     " AND status = 'completed' LIMIT 1"
 )
+# What a completed record says of its JPEG: (file_path, image_url), either possibly None.
+Recorded = tuple[str | None, str | None]
 
 
 def timestamp(moment: datetime | None = None) -> str:
@@ -81,6 +93,7 @@ class Record:
     request_id: str | None
     image_id: str | None
     file_path: str | None
+    image_url: str | None
     status: str
     error: str | None
     entry_id: str | None
@@ -99,6 +112,13 @@ def as_dict(row: Sequence[Any]) -> dict[str, Any]:
 
 def _select(where: str = "") -> str:
     return f"SELECT id, {', '.join(FIELDS)} FROM records {where}"
+
+
+def _readable(db: sqlite3.Connection) -> None:
+    """Let a reader of a 0.1 store (no image_url column yet) read it as if it had one."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(records)")}
+    if columns and "image_url" not in columns:
+        db.execute("CREATE TEMP VIEW records AS SELECT *, NULL AS image_url FROM main.records")
 
 
 def _connect(path: Path, timeout_s: float) -> sqlite3.Connection:
@@ -134,6 +154,14 @@ def _create(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
 
 
+def _add_image_url(db: sqlite3.Connection) -> None:
+    """Give a store of 0.1 its `image_url` column (instant in SQLite: no row is rewritten)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(records)")}
+    if "image_url" not in columns:
+        with contextlib.suppress(sqlite3.OperationalError):  # another process was first
+            db.execute("ALTER TABLE records ADD COLUMN image_url TEXT")
+
+
 @contextlib.contextmanager
 def as_disk_error(action: str) -> Iterator[None]:
     """SQLite's and the file system's errors become DiskError (the worker pauses)."""
@@ -163,11 +191,13 @@ class Store:
                     isolation_level=None,
                     check_same_thread=False,
                 )
+                _readable(self.db)
             else:
                 _create(self.path)
                 self.db = _connect(self.path, BUSY_TIMEOUT_S)
                 _use_wal(self.db)
                 self.db.executescript(_SCHEMA)
+                _add_image_url(self.db)
         self._local, self._readers_lock = threading.local(), threading.Lock()
         self._readers: list[sqlite3.Connection] = []
 
@@ -213,10 +243,11 @@ class Store:
                     db.execute("ROLLBACK")
                 raise
 
-    def completed(self, request_id: str, image_id: str) -> bool:
-        """Whether the task has a completed record (read from any thread). Raises DiskError."""
+    def completed(self, request_id: str, image_id: str) -> Recorded | None:
+        """The task's completed record, if any (read from any thread). Raises DiskError."""
         with as_disk_error("reading the results store"):
-            return self._reader().execute(_COMPLETED, (request_id, image_id)).fetchone() is not None
+            row = self._reader().execute(_COMPLETED, (request_id, image_id)).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def recent(self, count: int, conn: sqlite3.Connection | None = None) -> list[dict[str, Any]]:
         """The latest `count` records, oldest first."""
@@ -325,10 +356,10 @@ class Tx:
         finally:
             self.db.execute("RELEASE step")
 
-    def completed_path(self, request_id: str, image_id: str) -> str | None:
-        """The file of the task's completed record; "" if it has none; None if no record."""
+    def completed(self, request_id: str, image_id: str) -> Recorded | None:
+        """The task's completed record, if any."""
         row = self.db.execute(_COMPLETED, (request_id, image_id)).fetchone()
-        return None if row is None else row[0] or ""
+        return None if row is None else (row[0], row[1])
 
     def insert(self, record: Record) -> None:
         self.db.execute(_INSERT, record.row())

@@ -334,7 +334,7 @@ class Stream:
 
 
 def _settle_args(decision: Decision) -> list[str]:
-    """The 8 values settle.lua takes for one entry's ack and event."""
+    """The 9 values settle.lua takes for one entry's ack, event and message."""
     outcome, kind = decision.outcome, decision.kind
     error = (outcome.error or "failed") if kind.status == "failed" else ""
     path = str(decision.file_path) if decision.file_path else None
@@ -342,6 +342,7 @@ def _settle_args(decision: Decision) -> list[str]:
     return [
         outcome.entry.id,
         *(encodable(t or "") for t in texts),
+        encodable(decision.image_url or ""),
         encodable(error),
         decision.timestamp,
     ]
@@ -361,6 +362,9 @@ class Settling:
     publish_events: bool = False
     dead_letters_maxlen: int = 100_000
     max_task_bytes: int = 65_536
+    # The result lists settle.lua pushes to itself (on one Redis, or in L's slot).
+    success_queue: str | None = None
+    error_queue: str | None = None
 
     def dead_task(self, payload: bytes) -> bytes:
         return payload if len(payload) <= self.max_task_bytes else payload[:DEAD_TASK_BYTES]
@@ -450,15 +454,16 @@ class Consumer:
         decisions = [d for d in committed if d.kind.settles]
         if not decisions:
             return 0
-        limits = self.settling
-        publish = "1" if limits.publish_events else "0"
-        args = [limits.events_maxlen, publish, limits.dead_letters_maxlen]
+        limits, flag = self.settling, {True: "1", False: "0"}
+        args = [limits.events_maxlen, flag[limits.publish_events], limits.dead_letters_maxlen]
+        args += [flag[bool(limits.success_queue)], flag[bool(limits.error_queue)]]
         args += [len(decisions), *(a for d in decisions for a in _settle_args(d))]
         for decision in decisions:
             if decision.kind.status == "failed":
                 entry = decision.outcome.entry
                 args += [entry.deliveries, limits.dead_task(entry.payload)]
         keys = [self.keys.stream, self.keys.dead, self.keys.events]
+        keys += [limits.success_queue or self.keys.events, limits.error_queue or self.keys.events]
         return int(self._run("settling", _SETTLE, *args, keys=keys, wait=True) or 0)
 
     def touch(self, ids: Sequence[str]) -> None:

@@ -238,8 +238,9 @@ OUTCOMES = (Kind.COMPLETED, Kind.DUPLICATE, Kind.FAILED, Kind.DEAD_LETTERED)
 class Staged:
     """An encoded JPEG put where it goes, not yet under its final name or recorded."""
 
-    ref: str  # where it is now: a temp file's path
+    ref: str  # where it is now: a temp file's path, or an object's key
     size: int  # bytes
+    url: str | None = None  # its image_url, when that is known before it is recorded
 
 
 @dataclass
@@ -255,7 +256,17 @@ class Outcome:
     data: bytes | None = None  # the encoded JPEG, until it is staged
     staged: Staged | None = None  # the JPEG, durable, waiting for its record
     segment_missing: bool = False  # FAILED because the segment did not exist
+    recorded_url: str | None = None  # a DUPLICATE's: the image_url its record holds
+    retried: bool = False  # processed again in hand (the output failed the last time)
+    failing: str = ""  # a PAUSE's: what fails, "disk" or "object_store" (the error kind)
+    failure: str = ""  # and how, for an object store: unreachable, timeout, throttled...
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    def pause(self, exc: Exception) -> None:
+        """The output failed this delivery (`exc`, transient): pause, then try again."""
+        self.kind, self.error = Kind.PAUSE, str(exc)
+        self.failure = getattr(exc, "kind", "")  # an ObjectStoreUnavailable's
+        self.failing = "object_store" if self.failure else "disk"
 
     @property
     def key(self) -> tuple[str, str] | None:
@@ -274,3 +285,4 @@ class Decision:
     kind: Kind
     timestamp: str
     file_path: Path | None = None
+    image_url: str | None = None

@@ -104,6 +104,7 @@ def legacy_row(record: dict[str, Any]) -> tuple[str | None, ...]:
         _as_text(record.get("request_id")),
         _as_text(record.get("image_id")),
         _as_text(record.get("file_path")),
+        _as_text(record.get("image_url")),
         status,
         None if status == "completed" else _as_text(record.get("error")) or "failed",
         None,

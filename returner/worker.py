@@ -18,10 +18,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
 
-from returner import upgrade
+from returner import relay, upgrade
 from returner.commit import Committer
 from returner.encode import JpegOptions
-from returner.errors import RedisUnavailable
+from returner.errors import RedisUnavailable, TransientError
 from returner.metrics import Health, Metrics
 from returner.pipeline import Flight, Pipeline
 from returner.retry import OUTPUT_BACKOFF_MAX_S, Backoff, RedisCalls, Stopping
@@ -41,6 +41,7 @@ HEARTBEAT_S = 2.0  # entries in hand are touched this often, so no one claims th
 SUSPECTS_AT_ONCE = 1
 SURVEY_EVERY_S = 2.0  # queue gauges, and a look for consumers that have gone silent
 IN_FLIGHT = 2  # batches in hand: the next one encodes while the last one commits
+FAILING = {"disk": "output disk", "object_store": "object store"}
 
 
 class Worker:
@@ -78,6 +79,7 @@ class Worker:
         self._claim_due = 0.0
         self._claim_every = min(max(settings.claim_min_idle_ms / 4000, 1.0), 30.0)
         self._survey_due = 0.0
+        self.relay: relay.ListRelay | None = None
 
     @property
     def tally(self) -> Tally:
@@ -130,13 +132,13 @@ class Worker:
     def land(self, flights: deque[Flight], everything: bool = False) -> None:
         """Settle the oldest flight (every flight, with `everything`). Entries whose
         output failed are tried again after a pause, once the rest in hand is settled."""
-        paused: list[Entry] = []
+        paused: list[Outcome] = []
         while flights:
             paused += self.settler.settle(self.collect(flights.popleft()))
             if not (everything or paused):
                 break
         if paused:
-            self.handle(paused)
+            self.handle([o.entry for o in paused], retried=True)
         self.health.holding(bool(flights))
 
     def abandon(self, flights: deque[Flight]) -> None:
@@ -147,11 +149,17 @@ class Worker:
                     self.results.output.discard(outcome.staged)
 
     def start(self) -> None:
-        """Take over an earlier version's results, open them, and join the group,
-        waiting for Redis as long as it takes."""
+        """Check the output, take over an earlier version's results, open them, and join
+        the group, waiting for Redis as long as it takes. Raises SettingsError (an
+        output that can never work) or DiskError."""
+        try:
+            self.results.output.check()
+        except TransientError as exc:  # usable later: uploads pause until it answers
+            log.warning("%s; starting anyway", exc)
         upgrade.take_over(self.results.out, self.results.store)
         self.results.open()
         self.redis(self.stream.ensure_group)
+        self._route_result_lists()
         log.info(
             "consumer %s of group %s on %s, %d encoder threads",
             self.consumer.name,
@@ -161,8 +169,17 @@ class Worker:
         )
 
     def close(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
         self.pipeline.close()
         self.results.close()
+
+    def _route_result_lists(self) -> None:
+        s = self.settings
+        self.relay = relay.route(self.consumer, s.success_queue, s.error_queue, s.events_maxlen)
+        if self.relay is not None:
+            self.redis(self.relay.start)
+            log.info("relaying %s from the events", ", ".join(self.relay.lists.values()))
 
     def next_batch(self, wait: bool = True) -> list[Entry]:
         """Entries of silent consumers, idle claimed ones, or new ones; waits when none."""
@@ -177,6 +194,10 @@ class Worker:
             claimed = self.claim_idle(self.settings.claim_min_idle_ms)
             if claimed:
                 return claimed
+        if self.relay is not None and self.relay.behind:  # the event cap could trim its events
+            log.warning("result lists' relay is %d events behind; waiting", self.relay.lag)
+            self.stop.wait(WAIT_S)
+            return []
         entries = self.redis(lambda: self.consumer.fetch(self.settings.batch_size))
         if not entries and wait and not self.stop.is_set():
             self.redis(lambda: self.consumer.wait_for_tasks(WAIT_S))
@@ -279,15 +300,17 @@ class Worker:
         self.stream.forget(self.consumer.name)  # a replayer holding nothing leaves no trace
         return claimed
 
-    def handle(self, batch: Sequence[Entry]) -> None:
-        """Process and settle a batch now; pause and retry while the output fails."""
+    def handle(self, batch: Sequence[Entry], retried: bool = False) -> None:
+        """Process and settle a batch now (`retried`: the output failed it before); pause
+        and retry while the output fails."""
         todo = list(batch)
         backoff = Backoff(OUTPUT_BACKOFF_MAX_S)
         self.health.holding(True)
         try:
             while todo:
-                todo = self.settler.settle(self.collect(self.pipeline.submit(todo)))
-                if todo and not self.pause(todo, backoff):
+                paused = self.settler.settle(self.collect(self.pipeline.submit(todo, retried)))
+                todo, retried = [o.entry for o in paused], True
+                if paused and not self.pause(todo, backoff, paused[0].failing):
                     return
         finally:
             self.health.holding(False)
@@ -302,14 +325,15 @@ class Worker:
 
         return self.pipeline.collect(flight, HEARTBEAT_S, waiting)
 
-    def pause(self, held: Sequence[Entry], backoff: Backoff) -> bool:
-        """Wait out a failing output, keeping the held entries from being claimed.
-
-        Returns False when stopping: the entries stay pending for the next run.
+    def pause(self, held: Sequence[Entry], backoff: Backoff, failing: str) -> bool:
+        """Wait out a failing output (`failing`: disk or object_store), keeping the held
+        entries from being claimed. Returns False when stopping: the entries stay pending
+        for the next run.
         """
         delay = backoff.next_delay()
-        log.warning("output disk failing; pausing %.1fs with %d entries in hand", delay, len(held))
-        self.health.paused = True
+        what = FAILING[failing]
+        log.warning("%s failing; pausing %.1fs with %d entries in hand", what, delay, len(held))
+        self.health.paused = what
         deadline = time.monotonic() + delay
         try:
             while (left := deadline - time.monotonic()) > 0:
@@ -319,7 +343,7 @@ class Worker:
                 if self.stop.wait(min(left, HEARTBEAT_S)):
                     return False
         finally:
-            self.health.paused = False
+            self.health.paused = None
         return True
 
     def _short_wait(self, wanted: int, got: int) -> None:

@@ -423,14 +423,15 @@ def sample(count: int, start: float = 0.0) -> list[Record]:
         failing = i % 5 == 0
         made.append(Record(at(start + i), f"req_{i % 3}", f"img_{i}",
                            None if failing else f"/out/img_{i}.jpg",
+                           None if failing else f"file:///out/img_{i}.jpg",
                            "failed" if failing else "completed",
                            "bad shape" if failing else None, f"{i + 1}-0"))
     return made
 
 
 def as_doc(record: Record) -> dict[str, Any]:
-    doc = dict(zip(("timestamp", "request_id", "image_id", "file_path", "status", "error",
-                    "entry_id"), record.row(), strict=True))
+    doc = dict(zip(("timestamp", "request_id", "image_id", "file_path", "image_url", "status",
+                    "error", "entry_id"), record.row(), strict=True))
     if doc["status"] == "completed":
         del doc["error"]
     return doc
@@ -486,12 +487,12 @@ def test_export_of_an_empty_store_is_empty(store: Store) -> None:
 
 def test_get_gives_a_requests_records_or_one_images_oldest_first(store: Store) -> None:
     records = sample(30)
-    insert(store, [*records, Record(at(99), "req_1", "img_1", None, "failed", "again", "99-0")])
+    insert(store, [*records, Record(at(99), "req_1", "img_1", None, None, "failed", "again", "99-0")])
     got = store.get("req_1")
     assert [r["image_id"] for r in got] == [f"img_{i}" for i in range(1, 30, 3)] + ["img_1"]
     assert store.get("req_1", "img_1") == [as_doc(records[1]), {
         "timestamp": at(99), "request_id": "req_1", "image_id": "img_1", "file_path": None,
-        "status": "failed", "error": "again", "entry_id": "99-0"}]
+        "image_url": None, "status": "failed", "error": "again", "entry_id": "99-0"}]
     assert store.get("req_1", "img_2") == [] and store.get("nobody") == []
 
 
@@ -557,7 +558,7 @@ def test_retention_while_open_removes_old_records_in_steps(outdir: Path) -> None
     outdir.mkdir(parents=True)
     old = datetime.now(UTC) - timedelta(days=40)
     seeded = Store(outdir)
-    insert(seeded, [Record(old.isoformat(timespec="microseconds"), "old", f"i{i}", None,
+    insert(seeded, [Record(old.isoformat(timespec="microseconds"), "old", f"i{i}", None, None,
                            "failed", "x", None) for i in range(3 * PRUNE_STEP)])
     seeded.close()
     with opened(outdir, retention_days=30) as results:
@@ -581,9 +582,10 @@ def test_results_json_holds_the_latest_records_oldest_first(outdir: Path) -> Non
     view = read_view(outdir)
     assert view == latest
     assert {frozenset(r) for r in view} == {
-        frozenset({"timestamp", "request_id", "image_id", "file_path", "status", "entry_id"}),
-        frozenset({"timestamp", "request_id", "image_id", "file_path", "status", "error",
-                   "entry_id"})}
+        frozenset({"timestamp", "request_id", "image_id", "file_path", "image_url", "status",
+                   "entry_id"}),
+        frozenset({"timestamp", "request_id", "image_id", "file_path", "image_url", "status",
+                   "error", "entry_id"})}
 
 
 def test_results_json_follows_each_commit_within_about_a_second(results: Committer,

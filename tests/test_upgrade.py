@@ -30,7 +30,9 @@ from tests.conftest import opened, read_results, read_view, wait_for
 
 ARCHIVE = re.compile(r"results\.\d{8}T\d{6}(?:_\d+)?\.json")
 FIRST, SECOND = "results.20260101T000000.json", "results.20260102T000000.json"
-STORED = ("timestamp", "request_id", "image_id", "file_path", "status", "error", "entry_id")
+STORED = (
+    "timestamp", "request_id", "image_id", "file_path", "image_url", "status", "error", "entry_id"
+)
 
 
 def seed_format(records: list[dict[str, Any]]) -> bytes:

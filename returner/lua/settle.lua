@@ -1,22 +1,33 @@
 -- Settle deliveries whose outcome is durable, at once: for each entry still pending in
 -- the group, ack it, add its dead letter if it failed, emit its event (and PUBLISH it
--- when asked), and delete it from the stream so the stream never grows without bound.
--- An entry someone else settled first (XACK 0) gets neither a dead letter nor an event:
--- every settled entry has exactly one event, and an unsettled one has none.
+-- when asked), push its message onto the result list when asked, and delete it from
+-- the stream so the stream never grows without bound. An entry someone else settled
+-- first (XACK 0) gets neither a dead letter, nor an event, nor a message: every settled
+-- entry has exactly one of each, and an unsettled one has none.
 -- KEYS[1] stream  KEYS[2] dead letters {L}:dead  KEYS[3] events {L}:events
+-- KEYS[4] SUCCESS_QUEUE  KEYS[5] ERROR_QUEUE (either KEYS[3] when not pushed to here)
 -- ARGV[1] group  ARGV[2] consumer  ARGV[3] events MAXLEN (approximate)  ARGV[4] '1':
 -- also PUBLISH each event on events:{request_id}  ARGV[5] dead letters MAXLEN
--- (approximate)  ARGV[6] number of entries N
--- ARGV[7..] 8 values per entry: entry ID, request_id, image_id, outcome (completed,
+-- (approximate)  ARGV[6] '1': push onto SUCCESS_QUEUE  ARGV[7] '1': push onto
+-- ERROR_QUEUE  ARGV[8] number of entries N
+-- ARGV[9..] 9 values per entry: entry ID, request_id, image_id, outcome (completed,
 -- duplicate, failed, dead_lettered), status (the record's: completed, or failed, which
--- dead-letters it), file_path, error, timestamp (the record's)
+-- dead-letters it), file_path, image_url, error, timestamp (the record's)
 -- then 2 values per failed entry, in the same order: its delivery count and its task
 -- (the original bytes, or their first KiB)
 -- Returns: the number of entries this call settled (= events emitted)
-local settled, dead, ids = 0, 7 + 8 * tonumber(ARGV[6]), {}
-for i = 7, dead - 1, 8 do
+local function id_or_null(value)
+  if value == '' then
+    return cjson.null
+  end
+  return value
+end
+
+local settled, dead, ids = 0, 9 + 9 * tonumber(ARGV[8]), {}
+for i = 9, dead - 1, 9 do
   local id, rid, iid, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local status, path, err, ts = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  local status, path, url, err, ts = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7],
+                                     ARGV[i + 8]
   local failed = status == 'failed'
   if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
     settled = settled + 1
@@ -27,10 +38,18 @@ for i = 7, dead - 1, 8 do
     end
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'request_id', rid,
                'image_id', iid, 'status', status, 'outcome', outcome, 'file_path', path,
-               'error', err, 'entry_id', id, 'timestamp', ts)
+               'image_url', url, 'error', err, 'entry_id', id, 'timestamp', ts)
+    if not failed and ARGV[6] == '1' then
+      redis.call('RPUSH', KEYS[4], cjson.encode({request_id = id_or_null(rid),
+                 image_id = id_or_null(iid), image_url = url}))
+    elseif failed and ARGV[7] == '1' then
+      redis.call('RPUSH', KEYS[5], cjson.encode({request_id = id_or_null(rid),
+                 image_id = id_or_null(iid), error_message = err, timestamp = ts}))
+    end
     if ARGV[4] == '1' and rid ~= '' then
       local data = {request_id = rid, image_id = iid, status = status, outcome = outcome,
-                    file_path = path, error = err, entry_id = id, timestamp = ts}
+                    file_path = path, image_url = url, error = err, entry_id = id,
+                    timestamp = ts}
       local name = failed and 'hosting_failed' or 'hosting_completed'
       redis.call('PUBLISH', 'events:' .. rid,
                  cjson.encode({request_id = rid, event = name, data = data}))

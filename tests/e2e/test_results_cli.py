@@ -24,7 +24,7 @@ from tests.conftest import Frames, count_records, open_results, random_frame, re
 from tests.e2e.conftest import Service, base_env, run_cli
 
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
-INSERT = f"INSERT INTO records ({', '.join(FIELDS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+INSERT = f"INSERT INTO records ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
 MiB = 1024 * 1024
 
 
@@ -140,6 +140,7 @@ def sample_rows() -> list[tuple[Any, ...]]:
         failing = i % 5 == 0
         rows.append((at(i), f"req_{i % 3}", f"画像_{i}",
                      None if failing else f"/srv/out/img_{i}_20260101_000000.jpg",
+                     None if failing else f"https://cdn.example/img_{i}_20260101_000000.jpg",
                      "failed" if failing else "completed", "bad shape" if failing else None,
                      f"{1767225600000 + i * 1000}-0"))
     return rows
@@ -177,10 +178,10 @@ def test_export_writes_every_record_oldest_first_as_json_or_jsonl(
     (["--since", "2026-01-01T09:16:40+09:00"], lambda r: r[0] >= at(1000)),
     (["--until", "2026-01-01T00:16:40"], lambda r: r[0] < at(1000)),
     (["--since", at(300), "--until", at(700.5)], lambda r: at(300) <= r[0] < at(700.5)),
-    (["--status", "failed"], lambda r: r[4] == "failed"),
+    (["--status", "failed"], lambda r: r[5] == "failed"),
     (["--request-id", "req_2"], lambda r: r[1] == "req_2"),
     (["--request-id", "req_1", "--status", "completed", "--since", at(2000)],
-     lambda r: r[1] == "req_1" and r[4] == "completed" and r[0] >= at(2000)),
+     lambda r: r[1] == "req_1" and r[5] == "completed" and r[0] >= at(2000)),
     (["--request-id", "nobody"], lambda r: False),
 ], ids=["since", "since-offset", "until-naive", "window", "status", "request", "all",
         "none"])
@@ -215,7 +216,7 @@ def million(directory: Path) -> Iterator[tuple[Any, ...]]:
         second, micro = divmod(i, 1_000_000 // 100)
         yield (f"2026-01-01T00:{second // 60:02d}:{second % 60:02d}.{micro * 100:06d}+00:00",
                f"req_{i // 1000}", f"img_{i}", str(directory / f"img_{i}_20260101_000000.jpg"),
-               "completed", None, f"{1767225600000 + i // 50}-{i % 50}")
+               None, "completed", None, f"{1767225600000 + i // 50}-{i % 50}")
 
 
 # The peak is measured by a small parent of the export: a child forked from this test
@@ -258,7 +259,7 @@ def test_retention_deletes_old_records_while_frames_keep_completing(
 ) -> None:
     old = 20_000  # 40 steps of PRUNE_STEP, each followed by a pause: several seconds
     stamp = (datetime.now(UTC) - timedelta(days=40)).isoformat(timespec="microseconds")
-    build_store(output_dir, ((stamp, "old", f"img_{i}", None, "failed", "bad shape", None)
+    build_store(output_dir, ((stamp, "old", f"img_{i}", None, None, "failed", "bad shape", None)
                              for i in range(old)))
 
     def push_wave(n: int) -> str:
