@@ -487,7 +487,8 @@ def test_export_of_an_empty_store_is_empty(store: Store) -> None:
 
 def test_get_gives_a_requests_records_or_one_images_oldest_first(store: Store) -> None:
     records = sample(30)
-    insert(store, [*records, Record(at(99), "req_1", "img_1", None, None, "failed", "again", "99-0")])
+    again = Record(at(99), "req_1", "img_1", None, None, "failed", "again", "99-0")
+    insert(store, [*records, again])
     got = store.get("req_1")
     assert [r["image_id"] for r in got] == [f"img_{i}" for i in range(1, 30, 3)] + ["img_1"]
     assert store.get("req_1", "img_1") == [as_doc(records[1]), {

@@ -256,8 +256,8 @@ def test_each_settled_entry_gets_one_event_with_the_contracts_fields(
     events = [fields for _, fields in xrange(r, stream.keys.events)]
     assert [e[b"entry_id"] for e in events] == [good.id.encode(), bad.id.encode()]
     assert {k.decode() for k in events[0]} == {
-        "request_id", "image_id", "status", "outcome", "file_path", "image_url", "error", "entry_id",
-        "timestamp"}
+        "request_id", "image_id", "status", "outcome", "file_path", "image_url", "error",
+        "entry_id", "timestamp"}
     assert (events[0][b"status"], events[0][b"outcome"], events[0][b"file_path"]) == (
         b"completed", b"duplicate", b"/out/img-1.jpg")
     assert (events[1][b"status"], events[1][b"outcome"], events[1][b"error"]) == (
