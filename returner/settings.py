@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from returner.errors import SettingsError
@@ -25,6 +25,8 @@ def default_consumer_name() -> str:
     """Stable across restarts of the same host (and container hostname)."""
     return socket.gethostname() or "returner"
 
+
+CONSOLE_TOKEN_MIN = 16  # characters; `openssl rand -hex 16` gives 32
 
 _CASED = ("log_level", "jpeg_subsampling", "channel_order", "log_format", "output_layout")
 
@@ -78,6 +80,10 @@ class Settings(BaseSettings):
     redis_cluster: bool | None = Field(default=None, alias="REDIS_CLUSTER")
     redis_wait_replicas: int = Field(default=0, ge=0, le=16, alias="REDIS_WAIT_REPLICAS")
     redis_wait_timeout_ms: int = Field(default=1_000, ge=1, alias="REDIS_WAIT_TIMEOUT_MS")
+    console_host: str = Field(default="127.0.0.1", alias="CONSOLE_HOST", min_length=1)
+    console_port: int = Field(default=9110, ge=0, le=65535, alias="CONSOLE_PORT")
+    # A secret: SecretStr keeps it out of reprs, and errors never echo it.
+    console_token: SecretStr | None = Field(default=None, alias="CONSOLE_TOKEN")
 
     @field_validator("hosting_tasks_queue")
     @classmethod
@@ -119,7 +125,14 @@ class Settings(BaseSettings):
         lower = ("text", "json", "flat", "daily")
         return value.lower() if value.lower() in lower else value.upper()
 
-    @field_validator("redis_url", mode="before")
+    @field_validator("console_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < CONSOLE_TOKEN_MIN:
+            raise ValueError(f"must be at least {CONSOLE_TOKEN_MIN} characters")
+        return value
+
+    @field_validator("redis_url", "console_token", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -167,5 +180,6 @@ def load_settings(**overrides: Any) -> Settings:
         value = err.get("input")
         if name == "REDIS_URL" and isinstance(value, str):
             value = mask_url(value)
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        secret = name == "CONSOLE_TOKEN"
+        shown = "" if isinstance(value, dict) or secret else f" (got {value!r})"
         raise SettingsError(f"{name}: {err['msg']}{shown}") from None
