@@ -41,6 +41,7 @@ STORE = ".results.db"
 FIELDS = ("timestamp", "request_id", "image_id", "file_path", "status", "error", "entry_id")
 # A writer waits this long for another's transaction before calling the disk failing.
 BUSY_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 1.0  # a read-only connection (the console): a page never hangs on a lock
 # An upgrade imports everything in one transaction; others wait for it this long.
 IMPORT_WAIT_S = 600.0
 # After a checkpoint the WAL is cut back to this size (it grows during an import).
@@ -157,16 +158,20 @@ class Store:
     called from any thread (each gets a reading connection of its own).
     """
 
-    def __init__(self, directory: Path, create: bool = True) -> None:
-        """Open (or with `create`, create) the store of `directory`. Raises DiskError."""
+    def __init__(self, directory: Path, create: bool = True, read_only: bool = False) -> None:
+        """Open (or with `create`, create) the store of `directory`; `read_only` (without
+        `create`): a connection that cannot write, and waits for locks only briefly.
+        Raises DiskError."""
         self.path = directory / STORE
         with translated(f"opening {self.path}"):
             if not create:
-                # mode=rw: an existing store only; a reader never creates or changes one.
+                # An existing store only (mode=rw, or ro): a reader never creates or
+                # changes one.
+                mode, timeout = ("ro", READ_TIMEOUT_S) if read_only else ("rw", BUSY_TIMEOUT_S)
                 self.db = sqlite3.connect(
-                    f"file:{quote(str(self.path))}?mode=rw",
+                    f"file:{quote(str(self.path))}?mode={mode}",
                     uri=True,
-                    timeout=BUSY_TIMEOUT_S,
+                    timeout=timeout,
                     isolation_level=None,
                     check_same_thread=False,
                 )
