@@ -34,6 +34,7 @@ import stat
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePath
@@ -405,6 +406,9 @@ class Results:
                 self._placed = False
                 stamp = now_iso()
                 decisions = [self._decide_alone(tx, outcome, stamp) for outcome in outcomes]
+                kinds = Counter(d.kind for d in decisions)
+                failed = kinds[Kind.FAILED] + kinds[Kind.DEAD_LETTERED]
+                tx.count_minute(stamp, kinds[Kind.COMPLETED], failed)
         except DiskError:
             for outcome in outcomes:
                 discard(outcome.temp_path)

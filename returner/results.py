@@ -15,6 +15,9 @@ Tables:
   after the commit, and deletes the rows in its next transaction. Anyone may finish a
   move (renaming is idempotent), which is how a dead writer's work is completed.
 - `meta`: `imported` once the results files of earlier versions were taken in.
+- `minutes`: completed and failed records per UTC minute (`YYYY-MM-DDTHH:MM`), counted
+  in the transaction that inserts them and pruned with them: the console's chart reads
+  an hour of it instead of counting records.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ IMPORT_WAIT_S = 600.0
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
 # Records read per step of an export, and deleted per step of retention.
 EXPORT_STEP, PRUNE_STEP = 1000, 500
+MINUTE = len("YYYY-MM-DDTHH:MM")  # a timestamp's prefix naming its minute
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -62,6 +66,11 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE TABLE IF NOT EXISTS moves (writer TEXT NOT NULL, temp TEXT NOT NULL, final TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS minutes (
+    minute TEXT PRIMARY KEY,
+    completed INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 """
 # Built after an import (much faster than keeping it up while inserting).
 _INDEX = "CREATE INDEX IF NOT EXISTS records_key ON records (request_id, image_id)"
@@ -302,15 +311,32 @@ class Store:
         return int(low)
 
     def prune(self, before: str, conn: sqlite3.Connection | None = None) -> int:
-        """Delete those of the PRUNE_STEP oldest records that are older than `before`; how
-        many. Only the oldest are looked at (commit order is time order), so a step costs
-        the same however long the history."""
+        """Delete those of the PRUNE_STEP oldest records that are older than `before`, and
+        the minutes before it; how many records. Only the oldest are looked at (commit
+        order is time order), so a step costs the same however long the history."""
         with self.transaction("pruning old records", conn) as tx:
+            tx.db.execute("DELETE FROM minutes WHERE minute < ?", (before[:MINUTE],))
             return tx.db.execute(
                 "DELETE FROM records WHERE id IN (SELECT id FROM"
                 " (SELECT id, timestamp FROM records ORDER BY id LIMIT ?) WHERE timestamp < ?)",
                 (PRUNE_STEP, before),
             ).rowcount
+
+    def minutes(self, since: str) -> list[tuple[str, int, int]]:
+        """(minute, completed, failed) from the minute of `since` on, oldest first; none
+        from a store that predates the table. Raises DiskError."""
+        with translated("reading the minutes"):
+            try:
+                rows = self.db.execute(
+                    "SELECT minute, completed, failed FROM minutes WHERE minute >= ?"
+                    " ORDER BY minute",
+                    (since[:MINUTE],),
+                ).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" not in str(exc):
+                    raise
+                return []
+        return [(str(m), int(c), int(f)) for m, c, f in rows]
 
     def references(self, file_path: str) -> bool:
         """Whether a record names this file (a full scan: for the one-time upgrade)."""
@@ -407,6 +433,15 @@ class Tx:
 
     def insert(self, record: Record) -> None:
         self.db.execute(_INSERT, record.row())
+
+    def count_minute(self, stamp: str, completed: int, failed: int) -> None:
+        """Add records inserted with timestamp `stamp` to the counts of its minute."""
+        if completed or failed:
+            self.db.execute(
+                "INSERT INTO minutes VALUES (?, ?, ?) ON CONFLICT (minute) DO UPDATE SET"
+                " completed = completed + excluded.completed, failed = failed + excluded.failed",
+                (stamp[:MINUTE], completed, failed),
+            )
 
     def claimed(self, final: str) -> bool:
         """Whether a recorded move still targets this path."""
