@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE TABLE IF NOT EXISTS moves (writer TEXT NOT NULL, temp TEXT NOT NULL, final TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- The console's "failed only", newest first: found by scanning, a page of them took
+-- 2.4 s in 10 million records with none failed. Only failed records are in it.
+CREATE INDEX IF NOT EXISTS records_failed ON records (id) WHERE status = 'failed';
 CREATE TABLE IF NOT EXISTS minutes (
     minute TEXT PRIMARY KEY,
     completed INTEGER NOT NULL DEFAULT 0,
