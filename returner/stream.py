@@ -470,6 +470,16 @@ class Stream:
             rows: list[Any] = self.client.xrange(self.keys.dead, start, "+", count=count) or []
         return [(_text(i), dict(f or {})) for i, f in rows]
 
+    def latest_dead_letters(
+        self, count: int, before: str = "+"
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Up to `count` dead letters before `before` (exclusive unless "+"), newest
+        first. Raises RedisUnavailable."""
+        end = before if before == "+" else "(" + before
+        with self._talking("reading dead letters"):
+            rows: list[Any] = self.client.xrevrange(self.keys.dead, end, "-", count=count) or []
+        return [(_text(i), dict(f or {})) for i, f in rows]
+
     def read_events(
         self, after: str = "0-0", count: int = 1000, block_ms: int | None = None
     ) -> list[Event]:

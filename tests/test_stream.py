@@ -432,3 +432,20 @@ def test_claim_pages_with_its_cursor(each_redis: redis.Redis) -> None:
     assert [e.task for e in claimed] == [b"a", b"b", b"c"]
     assert pages >= 3
     assert {consumer for consumer, _ in pel(each_redis, live).values()} == {"live"}
+
+
+def test_latest_dead_letters_page_newest_first(each_redis: redis.Redis) -> None:
+    queue = fresh_queue()
+    stream = make(each_redis, queue)
+    each_redis.rpush(queue, *[f"t{i}".encode() for i in range(5)])
+    for entry in stream.fetch(5):
+        stream.settle(dead_lettered(entry, f"bad {entry.task.decode()}"))
+    oldest_first = [dead_id for dead_id, _ in stream.dead_letters(10)]
+
+    first = stream.latest_dead_letters(2)
+    rest = stream.latest_dead_letters(10, before=first[-1][0])
+
+    assert [i for i, _ in first + rest] == oldest_first[::-1]
+    assert [f[b"error"] for _, f in first] == [b"bad t4", b"bad t3"]
+    assert stream.latest_dead_letters(10, before=oldest_first[0]) == []
+    assert Stream(each_redis, fresh_queue(), GROUP, "c1").latest_dead_letters(5) == []
