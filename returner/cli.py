@@ -810,6 +810,43 @@ def decoded(paths: list[Path]) -> Iterator[tuple[Path, Any]]:
 
 
 @app.command()
+def console(
+    redis_url: RedisUrl = None,
+    queue: Queue = None,
+    output_dir: OutputDirOpt = None,
+    group: Group = None,
+    log_level: LogLevel = None,
+    log_format: LogFormat = None,
+) -> None:
+    """Serve the operator console: the queue, results with thumbnails, dead letters
+    and replay, in a browser, on CONSOLE_HOST:CONSOLE_PORT (127.0.0.1:9110).
+
+    Any address but loopback needs CONSOLE_TOKEN. Needs `pip install 'returner[console]'`.
+
+    Example: CONSOLE_TOKEN=$(openssl rand -hex 16) returner console
+    """
+    settings = settings_from(
+        redis_url=redis_url,
+        hosting_tasks_queue=queue,
+        output_dir=output_dir,
+        consumer_group=group,
+        log_level=log_level,
+        log_format=log_format,
+    )
+    try:
+        from returner.console import serve as serve_console
+    except ImportError as exc:  # the extra is not installed
+        if (exc.name or "").startswith("returner"):
+            raise
+        missing = f"pip install 'returner[console]' ({exc})"
+        raise fail(f"the console needs its extra: {missing}") from None
+    try:
+        serve_console(settings)
+    except SettingsError as exc:
+        raise fail(f"bad setting {exc}") from None
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
