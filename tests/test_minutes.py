@@ -144,9 +144,8 @@ def test_a_read_only_store_cannot_write(results: Results) -> None:
     try:
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
             store.db.execute("DELETE FROM records")
-        with pytest.raises(DiskError):
-            with store.transaction("writing through a reader") as tx:
-                tx.count_minute(at(0), 1, 0)
+        with pytest.raises(DiskError), store.transaction("writing through a reader") as tx:
+            tx.count_minute(at(0), 1, 0)
     finally:
         store.close()
     assert len(read_results(results.out.path)) == 1
