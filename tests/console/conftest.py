@@ -108,6 +108,7 @@ class Stack:
 
 
 def console_env(redis_url: str, queue: str, output_dir: Path, **extra: Any) -> dict[str, str]:
+    """The console's environment; it logs at INFO, since Console waits for its URL there."""
     return base_env(REDIS_URL=redis_url, HOSTING_TASKS_QUEUE=queue, OUTPUT_DIR=output_dir,
                     CONSOLE_PORT=0, LOG_LEVEL="INFO", **extra)
 
