@@ -19,7 +19,9 @@ WORKDIR /src
 # README.md is the package's long description (pyproject.toml: readme).
 COPY pyproject.toml README.md ./
 COPY returner ./returner
-RUN pip install --no-cache-dir .
+# The console extra too: `returner console` runs from the same image (compose.yaml,
+# deploy/kubernetes/console.yaml).
+RUN pip install --no-cache-dir "returner[console] @ file:///src"
 
 # ---- runtime: the virtualenv only, run as the renderer's user ----
 FROM python:3.11.14-slim-bookworm

@@ -43,7 +43,7 @@ SHAPE = (1448, 1024, 3)
 # file per record count; a benchmark works on a copy, since the service writes to it.
 CACHE = Path(__file__).resolve().parent.parent / ".returner" / "bench-cache"
 CACHE_FROM = 1_000_000
-GENERATION = 1  # bump when the records generated below change: older caches are ignored
+GENERATION = 2  # bump when the stores built below change: older caches are ignored
 HISTORY_DIR = "/srv/returner/output"  # where the earlier records say their JPEGs are
 SPACING_S = 0.02  # the history runs at 50 records a second and ends when it is built
 # A cached history older than this is built again, so that RESULTS_RETENTION_DAYS (30
@@ -75,7 +75,7 @@ def build_store(directory: Path, count: int) -> None:
 
     The rows go in without a journal (a build that fails is simply built again), and
     `Tx.mark_imported` then makes the index after them, as an import does, and
-    marks the store imported, so `Results.open()` takes it as it is. 10 million
+    marks the store imported, so the start-up takes it as it is. 10 million
     records take about 30 s.
     """
     directory.mkdir(parents=True, exist_ok=True)

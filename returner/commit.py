@@ -15,6 +15,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -138,6 +139,9 @@ class Committer:
             with self.store.transaction("committing results") as tx:
                 self.output.begin(tx)
                 decisions = [self._decide_alone(tx, outcome, stamp) for outcome in outcomes]
+                kinds = Counter(d.kind for d in decisions)  # the minutes the console charts
+                failed = kinds[Kind.FAILED] + kinds[Kind.DEAD_LETTERED]
+                tx.count_minute(stamp, kinds[Kind.COMPLETED], failed)
         except DiskError:
             for outcome in outcomes:
                 if outcome.staged is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from returner.errors import SettingsError
@@ -27,6 +27,8 @@ def default_consumer_name() -> str:
     return socket.gethostname() or "returner"
 
 
+CONSOLE_TOKEN_MIN = 16  # characters; `openssl rand -hex 16` gives 32
+
 _CASED = ("log_level", "jpeg_subsampling", "channel_order", "log_format", "output_layout")
 _OPTIONAL = (
     "redis_url",
@@ -36,6 +38,7 @@ _OPTIONAL = (
     "public_base_url",
     "success_queue",
     "error_queue",
+    "console_token",
 )
 
 
@@ -97,6 +100,10 @@ class Settings(BaseSettings):
     public_base_url: str | None = Field(default=None, alias="PUBLIC_BASE_URL")
     success_queue: str | None = Field(default=None, alias="SUCCESS_QUEUE")
     error_queue: str | None = Field(default=None, alias="ERROR_QUEUE")
+    console_host: str = Field(default="127.0.0.1", alias="CONSOLE_HOST", min_length=1)
+    console_port: int = Field(default=9110, ge=0, le=65535, alias="CONSOLE_PORT")
+    # A secret: SecretStr keeps it out of reprs, and errors never echo it.
+    console_token: SecretStr | None = Field(default=None, alias="CONSOLE_TOKEN")
 
     @field_validator("hosting_tasks_queue")
     @classmethod
@@ -130,6 +137,13 @@ class Settings(BaseSettings):
             return value
         lower = ("text", "json", "flat", "daily")
         return value.lower() if value.lower() in lower else value.upper()
+
+    @field_validator("console_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < CONSOLE_TOKEN_MIN:
+            raise ValueError(f"must be at least {CONSOLE_TOKEN_MIN} characters")
+        return value
 
     @field_validator(*_OPTIONAL, mode="before")
     @classmethod
@@ -221,7 +235,8 @@ def load_settings(**overrides: Any) -> Settings:
         value = err.get("input")
         if name in ("REDIS_URL", "S3_ENDPOINT_URL", "PUBLIC_BASE_URL") and isinstance(value, str):
             value = mask_url(value)
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        secret = name == "CONSOLE_TOKEN"
+        shown = "" if isinstance(value, dict) or secret else f" (got {value!r})"
         raise SettingsError(f"{name}: {err['msg']}{shown}") from None
 
 

@@ -62,6 +62,11 @@ def _entry(raw: Sequence[Any], deliveries: int | None = None) -> Entry:
     return Entry(id=text(entry_id), payload=fields.get(b"task", b""), deliveries=count)
 
 
+def _id_order(entry_id: str) -> tuple[int, int]:
+    millis, _, seq = entry_id.partition("-")
+    return int(millis), int(seq or 0)
+
+
 def _int(value: Any) -> int | None:
     try:
         return int(value) if value is not None else None
@@ -93,6 +98,9 @@ class DeadLetter:
     image_id: str | None
     error: str | None
     deliveries: int | None
+    entry_id: str | None = None  # the stream entry it was
+    consumer: str | None = None  # that settled it
+    payload: bytes = b""  # the task as it came (or its first KiB)
 
     @classmethod
     def of(cls, dead_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
@@ -100,8 +108,16 @@ class DeadLetter:
             value = fields.get(key)
             return None if value is None else text(value)
 
-        ids = get(b"request_id"), get(b"image_id")
-        return cls(text(dead_id), *ids, get(b"error"), _int(fields.get(b"deliveries")))
+        return cls(
+            text(dead_id),
+            get(b"request_id"),
+            get(b"image_id"),
+            get(b"error"),
+            _int(fields.get(b"deliveries")),
+            get(b"entry_id"),
+            get(b"consumer"),
+            fields.get(b"task", b""),
+        )
 
 
 @dataclass(frozen=True)
@@ -290,14 +306,27 @@ class Stream:
             rows: list[Any] = self.client.xrange(self.keys.dead, start, "+", count=count) or []
         return [DeadLetter.of(i, f or {}) for i, f in rows]
 
+    def latest_dead_letters(self, count: int, before: str = "+") -> list[DeadLetter]:
+        """Up to `count` dead letters before `before` (exclusive unless "+"), newest
+        first. Raises RedisUnavailable."""
+        end = before if before == "+" else "(" + before
+        with self.server.talking("reading dead letters"):
+            rows: list[Any] = self.client.xrevrange(self.keys.dead, end, "-", count=count) or []
+        return [DeadLetter.of(i, f or {}) for i, f in rows]
+
     def each_dead_letter(
         self, request_id: str | None = None, limit: int | None = None
     ) -> Iterator[DeadLetter]:
-        """Dead letters, oldest first (of `request_id` only, if given), read in steps.
-        Raises RedisUnavailable."""
+        """Dead letters, oldest first (of `request_id` only, if given), read in steps;
+        only those there when it began, so a task that fails again at once (dead-lettered
+        anew behind the cursor) is not taken round again. Raises RedisUnavailable."""
+        newest = self.latest_dead_letters(1)
+        last = _id_order(newest[0].id) if newest else (0, 0)
         found, after = 0, "-"
         while letters := self.dead_letters(DEAD_LETTERS_AT_ONCE, after):
             for letter in letters:
+                if _id_order(letter.id) > last:
+                    return
                 after = letter.id
                 if request_id is not None and letter.request_id != request_id:
                     continue

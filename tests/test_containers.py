@@ -43,6 +43,7 @@ DASHBOARD = GRAFANA / "dashboards" / "returner.json"
 GRAFANA_DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 GRAFANA_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "returner.yml"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
+CONSOLE_MANIFEST = "console.yaml"  # the console's own Deployment, Service and Secret
 
 METRICS_PORT = 9108
 # Labels Prometheus attaches to every scraped series (the service never sets them).
@@ -861,8 +862,11 @@ def k8s_documents() -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def k8s_resource(kind: str) -> dict[str, Any]:
-    [resource] = [doc for _, doc in k8s_documents() if doc["kind"] == kind]
+def k8s_resource(kind: str, filename: str | None = None) -> dict[str, Any]:
+    """The one resource of `kind` in `filename`, or in the files of the renderer's Pod
+    (every file but console.yaml)."""
+    [resource] = [doc for name, doc in k8s_documents() if doc["kind"] == kind
+                  and (name == filename if filename else name != CONSOLE_MANIFEST)]
     return resource
 
 
@@ -1072,3 +1076,95 @@ def test_kubernetes_renderer_is_marked_as_a_placeholder() -> None:
         if renderer["image"] in line:
             assert "REPLACE" in line, line
     assert renderer["image"] != container("returner")["image"]
+
+
+# ---------------------------------------------------------------- the console
+
+
+CONSOLE_PORT = 9110
+
+
+def test_compose_console_reads_the_returners_redis_and_output() -> None:
+    console, returner = service("console"), service("returner")
+    assert console["profiles"] == ["console"], "started only when asked for"
+    assert console["command"] == ["console"]
+    assert (console["image"], console["build"]) == (returner["image"], returner["build"])
+    env = environment(console)
+    for same in ("REDIS_URL", "OUTPUT_DIR"):
+        assert env[same] == environment(returner)[same], same
+    assert "./output:/app/output" in console["volumes"]  # the same path as the returner's
+    assert env["CONSOLE_HOST"] == "0.0.0.0" and env["CONSOLE_PORT"] == str(CONSOLE_PORT)
+    # The token comes from the shell or .env, never from this file.
+    assert re.fullmatch(r"\$\{CONSOLE_TOKEN(:-)?\}", env["CONSOLE_TOKEN"]), env["CONSOLE_TOKEN"]
+    ports = [str(p) for p in console["ports"]]
+    assert ports == [f"127.0.0.1:{CONSOLE_PORT}:{CONSOLE_PORT}"]
+    check = " ".join(console["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{CONSOLE_PORT}/healthz" in check
+
+
+def console_container() -> dict[str, Any]:
+    spec = k8s_resource("Deployment", CONSOLE_MANIFEST)["spec"]["template"]["spec"]
+    [found] = spec["containers"]
+    assert isinstance(found, dict)
+    return found
+
+
+def test_kubernetes_console_is_a_deployment_of_its_own_with_a_valid_setup() -> None:
+    from returner.console.server import check_access
+    from returner.settings import Settings
+
+    deployment = k8s_resource("Deployment", CONSOLE_MANIFEST)
+    assert deployment["metadata"]["name"] != k8s_resource("Deployment")["metadata"]["name"]
+    console = console_container()
+    assert console["args"] == ["console"]
+    assert console["image"] == container("returner")["image"]
+    env = {item["name"]: item for item in console["env"]}
+    aliases = {f.alias for f in Settings.model_fields.values() if f.alias}
+    assert set(env) <= aliases, set(env) - aliases
+    assert env["REDIS_URL"] == container_env("returner")["REDIS_URL"]  # the same Redis
+    secret = k8s_resource("Secret", CONSOLE_MANIFEST)
+    token = env["CONSOLE_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token["name"] == secret["metadata"]["name"]
+    values = {name: item["value"] for name, item in env.items() if "value" in item}
+    values["CONSOLE_TOKEN"] = secret["stringData"][token["key"]]
+    settings = Settings(_env_file=None, REDIS_URL="redis://r:6379/0", **values)  # type: ignore[call-arg]
+    check_access(settings)  # beyond loopback, with a token: starts
+    assert settings.console_port == CONSOLE_PORT
+    assert settings.output_dir == Path(env_value("returner", "OUTPUT_DIR"))
+
+
+def test_kubernetes_console_shares_the_returners_node_volume_and_user() -> None:
+    spec = k8s_resource("Deployment", CONSOLE_MANIFEST)["spec"]["template"]["spec"]
+    renderer = pod_spec()
+    # The claim is ReadWriteOnce: only Pods on the renderer's node can mount it too.
+    [term] = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    labels = k8s_resource("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert term["labelSelector"]["matchLabels"].items() <= labels.items()
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
+              if "persistentVolumeClaim" in v}
+    [(volume, claim)] = claims.items()
+    assert claim == k8s_resource("PersistentVolumeClaim")["metadata"]["name"]
+    mounts = {m["name"]: m["mountPath"] for m in console_container()["volumeMounts"]}
+    returner_mounts = {m["mountPath"] for m in container("returner")["volumeMounts"]}
+    assert mounts[volume] in returner_mounts  # records name JPEGs by absolute path
+    for key in ("runAsUser", "runAsGroup", "fsGroup", "fsGroupChangePolicy"):
+        assert spec["securityContext"][key] == renderer["securityContext"][key], key
+    context = console_container()["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"]
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert spec["enableServiceLinks"] is False
+
+
+def test_kubernetes_console_probes_and_service() -> None:
+    console = console_container()
+    ports = {p["name"]: p["containerPort"] for p in console["ports"]}
+    assert ports == {"console": CONSOLE_PORT}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert console[probe]["httpGet"] == {"path": "/healthz", "port": "console"}, probe
+    svc = k8s_resource("Service", CONSOLE_MANIFEST)
+    labels = k8s_resource("Deployment", CONSOLE_MANIFEST)["spec"]["template"]["metadata"]
+    assert svc["spec"]["selector"].items() <= labels["labels"].items()
+    [port] = svc["spec"]["ports"]
+    assert port["port"] == CONSOLE_PORT and port["targetPort"] == "console"
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"  # not published by itself

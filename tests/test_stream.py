@@ -435,3 +435,21 @@ def test_claim_pages_with_its_cursor(each_redis: redis.Redis) -> None:
     assert [e.payload for e in claimed] == [b"a", b"b", b"c"]
     assert pages >= 3
     assert {consumer for consumer, _ in pel(each_redis, live).values()} == {"live"}
+
+
+def test_latest_dead_letters_page_newest_first(each_redis: redis.Redis) -> None:
+    queue = fresh_queue()
+    stream = make(each_redis, queue)
+    each_redis.rpush(queue, *[f"t{i}".encode() for i in range(5)])
+    for entry in stream.fetch(5):
+        stream.settle(dead_lettered(entry, f"bad {entry.payload.decode()}"))
+    queue_wide = stream.stream
+    oldest_first = [letter.id for letter in queue_wide.dead_letters(10)]
+
+    first = queue_wide.latest_dead_letters(2)
+    rest = queue_wide.latest_dead_letters(10, before=first[-1].id)
+
+    assert [letter.id for letter in first + rest] == oldest_first[::-1]
+    assert [letter.error for letter in first] == ["bad t4", "bad t3"]
+    assert queue_wide.latest_dead_letters(10, before=oldest_first[0]) == []
+    assert Stream(each_redis, fresh_queue(), GROUP).latest_dead_letters(5) == []

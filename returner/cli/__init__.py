@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from returner import __version__
-from returner.cli import events, push, replay, results, run, status
+from returner.cli import console, events, push, replay, results, run, status
 from returner.cli.common import App
 
 app = App(
@@ -28,6 +28,7 @@ app.add_typer(results.app, name="results")
 app.command()(events.events)
 app.command()(events.wait)
 app.command("push")(push.push)
+app.command()(console.console)
 
 
 @app.command()

@@ -43,7 +43,10 @@ def status(
 
 def as_document(status: Status, records: int | None) -> dict[str, Any]:
     """The status as `status --json` prints it."""
-    return {**dataclasses.asdict(status), "results": {"records": records}}
+    doc = dataclasses.asdict(status)
+    shown = ("id", "request_id", "image_id", "error", "deliveries")
+    doc["last_errors"] = [{k: getattr(e, k) for k in shown} for e in status.last_errors]
+    return {**doc, "results": {"records": records}}
 
 
 def show(status: Status, records: int | None) -> None:
