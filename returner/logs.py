@@ -61,3 +61,6 @@ def setup(level: str, fmt: str, worker: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The object store's client libraries say at INFO where they found credentials.
+    for chatty in ("botocore", "boto3"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))

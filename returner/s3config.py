@@ -93,6 +93,14 @@ class ObjectStoreConfig:
             raise ValueError(f"not a relative name: {relative_name!r}")
         return f"{self.prefix}/{relative_name}" if self.prefix else relative_name
 
+    def key_of(self, url: str) -> str | None:
+        """The key of an image_url `url_for` made, or None when it is not one of ours."""
+        if url.startswith(f"s3://{self.bucket}/"):
+            return url[len(f"s3://{self.bucket}/") :]
+        if self.public_base_url and url.startswith(f"{self.public_base_url}/"):
+            return unquote(url[len(self.public_base_url) + 1 :])
+        return None
+
     def url_for(self, key: str) -> str:
         """`PUBLIC_BASE_URL/KEY` (the key percent-encoded) when set, else `s3://BUCKET/KEY`."""
         if self.public_base_url:

@@ -155,7 +155,7 @@ class Worker:
         try:
             self.results.output.check()
         except TransientError as exc:  # usable later: uploads pause until it answers
-            log.warning("%s; starting anyway", exc)
+            log.warning("%s; starting anyway: uploads pause until it answers", exc)
         upgrade.take_over(self.results.out, self.results.store)
         self.results.open()
         self.redis(self.stream.ensure_group)

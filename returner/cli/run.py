@@ -18,9 +18,10 @@ from returner import logs
 from returner.cli import common
 from returner.cli.common import install_stop_handlers, redis_url_for, settings_of
 from returner.cli.push import push_samples
-from returner.errors import SettingsError
+from returner.errors import SettingsError, TransientError
 from returner.metrics import Checks, Health, Metrics, MetricsServer
-from returner.settings import Settings
+from returner.objectstore import ObjectStore
+from returner.settings import Settings, object_store_config
 from returner.stream import Consumer
 from returner.supervisor import Supervisor, report_health
 from returner.worker import Worker
@@ -78,12 +79,29 @@ def run(
     Example: REDIS_URL=redis://localhost:6379/0 returner run --output-dir /srv/frames
     """
     settings = settings_of(ctx)
+    if supervisor is None:
+        check_object_store(settings)
     if supervisor is not None and health_file is not None:
         serve(settings, demo_count, (health_file, supervisor))
     elif settings.workers > 1:
         supervise(settings, demo_count)
     else:
         serve(settings, demo_count)
+
+
+def check_object_store(settings: Settings) -> None:
+    """Refuse at once (one line, exit 2) an object store that can never work: a missing
+    bucket, refused credentials. One that cannot be reached now is waited for."""
+    config = object_store_config(settings)
+    if config is None:
+        return
+    store = ObjectStore(config)
+    try:
+        store.check()
+    except TransientError as exc:
+        log.warning("%s; starting anyway: uploads pause until it answers", exc)
+    finally:
+        store.close()
 
 
 def serve(settings: Settings, demo_count: int, supervised: tuple[Path, int] | None = None) -> None:

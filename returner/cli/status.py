@@ -13,7 +13,10 @@ from rich.text import Text
 
 from returner.cli import common
 from returner.cli.common import connected
+from returner.errors import SettingsError, TransientError
 from returner.logs import escape_controls
+from returner.objectstore import ObjectStore
+from returner.settings import Settings, object_store_config
 from returner.store import records_in
 from returner.stream import Status, Stream
 from returner.task import brief
@@ -28,17 +31,52 @@ def status(
     consumer_group: common.Group = None,
 ) -> None:
     """Show the list and stream lengths, pending entries per consumer with the oldest
-    idle time, dead letters with the last errors, and the records in the store.
+    idle time, dead letters with the last errors, the records in the store, and the
+    object store (OBJECT_STORE_URL) and whether it answers.
 
     Example: returner status --json
     """
     with connected(ctx, log_level="WARNING") as (settings, url):
         found = Stream.from_settings(settings, url).status(settings.consumer_timeout_ms)
     records = records_in(settings.output_dir)
+    store = object_store(settings)
     if as_json:
-        typer.echo(json.dumps(as_document(found, records), indent=2))
+        doc = as_document(found, records)
+        if store is not None:
+            doc["object_store"] = store
+        typer.echo(json.dumps(doc, indent=2))
     else:
         show(found, records)
+        if store is not None:
+            state = "reachable" if store["reachable"] else f"failing: {store['error']}"
+            line = f"object store: {store['url']} at {store['endpoint']}: {state}"
+            Console(highlight=False).print(escape_controls(line), markup=False)
+
+
+def object_store(settings: Settings) -> dict[str, Any] | None:
+    """OBJECT_STORE_URL, its endpoint, and whether it answers the start-up check (never a
+    credential); None when JPEGs go to OUTPUT_DIR."""
+    config = object_store_config(settings)
+    if config is None:
+        return None
+    try:
+        store = ObjectStore(config)
+    except SettingsError as exc:
+        return {"url": config.url, "endpoint": None, "reachable": False, "error": str(exc)}
+    try:
+        store.check()
+        error = None
+    except (SettingsError, TransientError) as exc:
+        error = str(exc)
+    finally:
+        store.close()
+    reachable = error is None
+    return {
+        "url": config.url,
+        "endpoint": store.endpoint_url,
+        "reachable": reachable,
+        "error": error,
+    }
 
 
 def as_document(status: Status, records: int | None) -> dict[str, Any]:

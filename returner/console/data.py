@@ -23,7 +23,8 @@ from returner import browse
 from returner.console.chart import NARROW, Chart, hour_chart
 from returner.console.thumbs import LocalFiles, shrink, source_jpeg
 from returner.errors import DiskError, RedisUnavailable, ReturnerError, SettingsError
-from returner.settings import Settings
+from returner.objectstore import ObjectStore
+from returner.settings import Settings, object_store_config
 from returner.store import Store
 from returner.stream import DeadLetter as Letter
 from returner.stream import Stream
@@ -73,7 +74,8 @@ class Row:
 
     @property
     def has_image(self) -> bool:
-        return self.record["status"] == "completed" and bool(self.record["file_path"])
+        record = self.record
+        return record["status"] == "completed" and bool(record["file_path"] or record["image_url"])
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ class Data:
         self.gone_after_ms = settings.consumer_timeout_ms
         self.output_dir = settings.output_dir
         self.files = LocalFiles(settings.output_dir)
+        config = object_store_config(settings)
+        self.objects = None if config is None else ObjectStore(config)
         self._idle: list[Store] = []
         self._pool_lock = threading.Lock()
         self._thumbs: OrderedDict[int, bytes] = OrderedDict()
@@ -262,7 +266,7 @@ class Data:
                 record = browse.record(store, record_id)
         except DiskError:
             return None
-        jpeg = source_jpeg(record, self.files) if record is not None else None
+        jpeg = source_jpeg(record, self.files, self.objects) if record is not None else None
         if jpeg is None:
             return None
         with self._decoding:

@@ -19,6 +19,9 @@ from typing import Any
 
 import simplejpeg
 
+from returner.errors import ObjectStoreUnavailable
+from returner.objectstore import ObjectStore
+
 THUMB_PX = 240  # the longer side is at least this (about twice the size shown)
 THUMB_QUALITY = 70
 MAX_JPEG_BYTES = 64 * 1024 * 1024
@@ -95,13 +98,23 @@ def _read_regular(fd: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def source_jpeg(record: dict[str, Any], files: LocalFiles) -> bytes | None:
-    """The JPEG of a completed record, wherever it was put: its file in OUTPUT_DIR.
-    (The object store, through the record's image_url, is the second source to come.)"""
-    path = record.get("file_path")
-    if record.get("status") != "completed" or not isinstance(path, str):
+def source_jpeg(
+    record: dict[str, Any], files: LocalFiles, objects: ObjectStore | None = None
+) -> bytes | None:
+    """The JPEG of a completed record, wherever it was put: its file in OUTPUT_DIR, or
+    its object in the object store (through its image_url); None if it cannot be read."""
+    if record.get("status") != "completed":
         return None
-    return files.read(path)
+    path, url = record.get("file_path"), record.get("image_url")
+    if isinstance(path, str):
+        return files.read(path)
+    key = objects.config.key_of(url) if objects is not None and isinstance(url, str) else None
+    if objects is None or key is None:
+        return None
+    try:
+        return objects.get(key)
+    except ObjectStoreUnavailable:
+        return None
 
 
 def shrink(jpeg: bytes, px: int = THUMB_PX) -> bytes | None:
