@@ -62,7 +62,9 @@ class Watcher(threading.Thread):
 
 
 def measure(client: redis.Redis, url: str, tmp: Path, frame: np.ndarray, rate: float,
-            earlier: int = 0) -> tuple[float, float, float]:
+            earlier: int = 0, **settings: str) -> tuple[float, float, float]:
+    """p50, p99 and max ms from RPUSH to a durable record at `rate` (settings: the
+    service's environment beyond the harness's)."""
     count = int(rate * DURATION_S)
     queue = f"lat:{uuid.uuid4().hex[:8]}"
     out = tmp / queue.replace(":", "_")
@@ -70,7 +72,7 @@ def measure(client: redis.Redis, url: str, tmp: Path, frame: np.ndarray, rate: f
     names = [put_segment(frame) for _ in range(count)]  # ready before the clock starts
     pushed: dict[str, float] = {}
     try:
-        with harness.service(url, queue, out):
+        with harness.service(url, queue, out, **settings):
             watcher = Watcher(out)
             watcher.start()
             # The group is made once the results are loaded: the service is ready.
