@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+import simplejpeg
 
 from benchmarks import harness, peers
 from benchmarks.conftest import manga_page, report
@@ -85,6 +86,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--frames", type=int, default=FRAMES)
     parser.add_argument("--huge", action="store_true", help="/dev/shm on huge pages (root)")
+    parser.add_argument("--latency", type=float, metavar="RATE", default=0.0,
+                        help="instead: RPUSH-to-durable-record latency at RATE frames/s, "
+                             "against a bare write + fsync of one JPEG at that rate")
     args = parser.parse_args()
     frame = manga_page()
     pages = "huge" if args.huge else "4k"
@@ -92,10 +96,46 @@ def main() -> None:
         server = EmbeddedRedis(Path(tmp) / "redis")
         url = server.start()
         try:
+            if args.latency:
+                tails(args, frame, url, Path(tmp), pages)
+                return
             runs = rounds(args, frame, url, Path(tmp))
         finally:
             server.stop()
         summarise(args.commits, runs, pages)
+
+
+def tails(args: argparse.Namespace, frame: np.ndarray, url: str, tmp: Path, pages: str) -> None:
+    """Latency of every variant and of the bare fsync, once a round, the order turned."""
+    from benchmarks import test_latency, test_load  # pytest modules: only for this mode
+
+    client = redis.Redis.from_url(url)
+    trees = {c: extract(c.split(",")[0], tmp / "trees") for c in args.commits}
+    jpeg = simplejpeg.encode_jpeg(frame, peers.QUALITY, "RGB", peers.SUBSAMPLING)
+    variants = [*args.commits, "fsync"]
+    got: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
+    for r in range(args.rounds):
+        shift = r % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            if variant == "fsync":
+                got[variant].append(tuple(test_load.bare_fsync(tmp / f"fsync-{r}", jpeg,
+                                                               args.latency)))
+            else:
+                got[variant].append(test_latency.measure(
+                    client, url, tmp, frame, args.latency, 0, PYTHONPATH=str(trees[variant]),
+                    **settings(variant)))
+            p50, p99, worst = got[variant][-1]
+            print(f"round {r + 1} {variant}: p50 {p50:.1f} p99 {p99:.1f} max {worst:.1f} ms",
+                  flush=True)
+    med = statistics.median
+    for variant, tail in got.items():
+        p99 = [t[1] for t in tail]
+        ratio = [t[1] / f[1] for t, f in zip(tail, got["fsync"], strict=True)]
+        print(f"{variant:>40} p50 {med([t[0] for t in tail]):7.1f} p99 {med(p99):7.1f} "
+              f"max {med([t[2] for t in tail]):7.1f} ms  p99/fsync p99 {med(ratio):5.2f}")
+        report(f"bisect: latency p99 {variant} [{pages} pages, {args.latency:g}/s]", med(p99),
+               "ms", rounds=p99, per_fsync=ratio, p50=[t[0] for t in tail],
+               max=[t[2] for t in tail])
 
 
 def rounds(args: argparse.Namespace, frame: np.ndarray, url: str, tmp: Path
