@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -387,6 +389,7 @@ def _shm_huge_option() -> str:
 class Measured(NamedTuple):
     rate: float  # frames/s
     cpu_ms: float  # CPU of the whole machine per frame (kernel threads and interrupts too)
+    own_cpu_ms: float = math.nan  # this process's own CPU per frame (its rusage)
 
     @property
     def cpu_bound(self) -> float:
@@ -406,10 +409,18 @@ def busy_seconds() -> float:
 def measure(work: Callable[[int], object], count: int, threads: int) -> Measured:
     """Run `work(0..count-1)` on `threads` threads: its rate and machine CPU per frame."""
     with ThreadPoolExecutor(threads) as pool:
-        busy, started = busy_seconds(), time.perf_counter()
+        busy, own, started = busy_seconds(), own_seconds(), time.perf_counter()
         list(pool.map(work, range(count)))
         wall, cpu = time.perf_counter() - started, busy_seconds() - busy
-    return Measured(count / wall, cpu / count * 1000)
+        own = own_seconds() - own
+    return Measured(count / wall, cpu / count * 1000, own / count * 1000)
+
+
+def own_seconds() -> float:
+    """CPU time (user + system) this process has spent, every thread of it: unlike
+    busy_seconds, what other work on a shared machine does not count in."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def stripped_loop(frame: np.ndarray, count: int, output_dir: Path | None = None) -> Measured:

@@ -63,6 +63,8 @@ class Watcher(threading.Thread):
 
 def measure(client: redis.Redis, url: str, tmp: Path, frame: np.ndarray, rate: float,
             earlier: int = 0, **settings: str) -> tuple[float, float, float]:
+    """p50, p99 and max ms from RPUSH to a durable record at `rate` (settings: the
+    service's environment beyond the harness's)."""
     count = int(rate * DURATION_S)
     queue = f"lat:{uuid.uuid4().hex[:8]}"
     out = tmp / queue.replace(":", "_")

@@ -82,8 +82,8 @@ def test_service_against_the_upload_floor(
     report("object_store.floor", floor_rate, "frames/s",
            rounds=[round(f.rate, 1) for f in floor])  # fmt: skip
     report("object_store.service", rate, "frames/s", rounds=[round(s[0], 1) for s in service])
-    report("object_store.service/floor", rate / floor_rate, "x",
-           pairs=[round(s[0] / f.rate, 3) for s, f in zip(service, floor, strict=True)])  # fmt: skip
+    pairs = [round(s[0] / f.rate, 3) for s, f in zip(service, floor, strict=True)]
+    report("object_store.service/floor", rate / floor_rate, "x", pairs=pairs)
     report("object_store.floor.cpu", statistics.median(f.client_ms for f in floor), "ms/frame")
     report("object_store.service.cpu", statistics.median(s[1] for s in service), "ms/frame")
     report("object_store.floor.store_cpu", statistics.median(f.server_ms for f in floor),
