@@ -173,7 +173,7 @@ class Pipeline:
         def encode_frame(frame: frames.Frame) -> tuple[float, bytes]:
             return time.perf_counter(), encode(frame, task.channel_order, self.jpeg)
 
-        loaded, outcome.data = frames.with_frame(task, encode_frame)
+        loaded, outcome.data = frames.with_frame(task, encode_frame, self.rules.copy_segments)
         outcome.timings = {"load": loaded - started, "encode": time.perf_counter() - loaded}
 
     def _safe(self, shm_name: str | None) -> str | None:

@@ -29,7 +29,14 @@ def default_consumer_name() -> str:
 
 CONSOLE_TOKEN_MIN = 16  # characters; `openssl rand -hex 16` gives 32
 
-_CASED = ("log_level", "jpeg_subsampling", "channel_order", "log_format", "output_layout")
+_CASED = (
+    "log_level",
+    "jpeg_subsampling",
+    "channel_order",
+    "log_format",
+    "output_layout",
+    "segment_read",
+)
 _OPTIONAL = (
     "redis_url",
     "object_store_url",
@@ -67,6 +74,7 @@ class Settings(BaseSettings):
     stuck_after_ms: int = Field(default=120_000, ge=1_000, alias="STUCK_AFTER_MS")
     max_deliveries: int = Field(default=5, ge=1, alias="MAX_DELIVERIES")
     max_pixels: int = Field(default=100_000_000, ge=1, alias="MAX_PIXELS")
+    segment_read: Literal["map", "copy"] = Field(default="map", alias="SEGMENT_READ")
     max_task_bytes: int = Field(default=65_536, ge=256, le=64 * 1024 * 1024, alias="MAX_TASK_BYTES")
     dead_letters_maxlen: int = Field(default=100_000, ge=1, alias="DEAD_LETTERS_MAXLEN")
     output_layout: Literal["flat", "daily"] = Field(default="flat", alias="OUTPUT_LAYOUT")
@@ -135,7 +143,7 @@ class Settings(BaseSettings):
     def _normalise_case(cls, value: Any) -> Any:
         if not isinstance(value, str):
             return value
-        lower = ("text", "json", "flat", "daily")
+        lower = ("text", "json", "flat", "daily", "map", "copy")
         return value.lower() if value.lower() in lower else value.upper()
 
     @field_validator("console_token")

@@ -63,6 +63,7 @@ class Rules:
     max_pixels: int
     default_order: str
     max_task_bytes: int = 65536
+    copy_segments: bool = False  # SEGMENT_READ=copy: pread, not mmap (see frames.py)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ class Worker:
             settings.max_pixels,
             settings.channel_order,
             settings.max_task_bytes,
+            settings.segment_read == "copy",
         )
         jpeg = JpegOptions(settings.jpeg_quality, settings.jpeg_subsampling)
         self.pipeline = Pipeline(

@@ -84,7 +84,7 @@ def test_a_segment_truncated_while_it_is_read_is_bad_frame(
     frames: Frames, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its owner truncates it after the size check: a mapping would raise SIGBUS on the
-    next access and kill the process; a read comes back short."""
+    next access and kill the process; with SEGMENT_READ=copy a read comes back short."""
     name = frames.put(random_frame((64, 64, 3)))
     buffer = shm._buffer
 
@@ -94,7 +94,19 @@ def test_a_segment_truncated_while_it_is_read_is_bad_frame(
 
     monkeypatch.setattr(shm, "_buffer", truncated_meanwhile)
     with pytest.raises(BadFrame, match="shrank while being read"):
-        shm.with_frame(task_for(name, (64, 64, 3)), lambda v: v.copy())
+        shm.with_frame(task_for(name, (64, 64, 3)), lambda v: v.copy(), copy=True)
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["mapped", "copied"])
+def test_both_ways_of_reading_give_the_same_frame_and_check_it_alike(
+    frames: Frames, copy: bool
+) -> None:
+    truth = random_frame((32, 48, 3), seed=9)
+    name = frames.put(truth)
+    got = shm.with_frame(task_for(name, (32, 48, 3)), lambda v: v.copy(), copy=copy)
+    assert (got == truth).all()
+    with pytest.raises(BadFrame, match="holds"):  # the message claims more than it holds
+        shm.with_frame(task_for(name, (64, 48, 3)), lambda v: None, copy=copy)
 
 
 def test_missing_segment_is_bad_frame() -> None:
