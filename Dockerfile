@@ -21,7 +21,7 @@ COPY pyproject.toml README.md ./
 COPY returner ./returner
 # The console extra too: `returner console` runs from the same image (compose.yaml,
 # deploy/kubernetes/console.yaml).
-RUN pip install --no-cache-dir "returner[console] @ file:///src"
+RUN pip install --no-cache-dir "returner[console,s3] @ file:///src"
 
 # ---- runtime: the virtualenv only, run as the renderer's user ----
 FROM python:3.11.14-slim-bookworm

@@ -80,6 +80,7 @@ class Worker:
         self._claim_due = 0.0
         self._claim_every = min(max(settings.claim_min_idle_ms / 4000, 1.0), 30.0)
         self._survey_due = 0.0
+        self._drained = False  # the last fetch took all the list held
         self.relay: relay.ListRelay | None = None
 
     @property
@@ -108,7 +109,9 @@ class Worker:
 
     def step(self, flights: deque[Flight]) -> None:
         """Keep IN_FLIGHT batches in hand: the next one encodes while the last commits."""
-        if len(flights) < IN_FLIGHT:
+        # Below saturation the last fetch emptied the list: land what is in hand rather
+        # than ask again (an empty fetch is a round trip and a wake-up per frame).
+        if len(flights) < IN_FLIGHT and not (flights and self._drained):
             batch = self.next_batch(wait=not flights)
             if any(entry.deliveries > 1 for entry in batch):
                 self.land(flights, everything=True)  # a suspect runs alone
@@ -183,7 +186,8 @@ class Worker:
             log.info("relaying %s from the events", ", ".join(self.relay.lists.values()))
 
     def next_batch(self, wait: bool = True) -> list[Entry]:
-        """Entries of silent consumers, idle claimed ones, or new ones; waits when none."""
+        """Entries of silent consumers, idle claimed ones, or new ones; with `wait`, once
+        the list was found empty, first waits for it to hold one (up to WAIT_S)."""
         now = time.monotonic()
         if now >= self._survey_due:
             self._survey_due = now + SURVEY_EVERY_S
@@ -199,9 +203,10 @@ class Worker:
             log.warning("result lists' relay is %d events behind; waiting", self.relay.lag)
             self.stop.wait(WAIT_S)
             return []
-        entries = self.redis(lambda: self.consumer.fetch(self.settings.batch_size))
-        if not entries and wait and not self.stop.is_set():
+        if wait and self._drained and not self.stop.is_set():
             self.redis(lambda: self.consumer.wait_for_tasks(WAIT_S))
+        entries = self.redis(lambda: self.consumer.fetch(self.settings.batch_size))
+        self._drained = len(entries) < self.settings.batch_size
         return entries
 
     def recover_own(self) -> None:
