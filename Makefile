@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint docs bench fuzz clean
+.PHONY: run test lint docs screenshots bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 ## docs: the documentation site, built strictly into build/site/ (`$(BIN)/mkdocs serve` to browse)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+## screenshots: the console's pages, taken again into docs/console/ for docs/console.md
+screenshots: $(STAMP)
+	RETURNER_SCREENSHOTS=docs/console $(BIN)/pytest tests/console/test_screenshots.py -p no:cacheprovider
 
 ## bench: the benchmark suite (figures in benchmarks/results.jsonl); see benchmarks/README.md
 bench: $(STAMP)

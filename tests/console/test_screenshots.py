@@ -1,6 +1,7 @@
-"""Screenshots of every page of the console, at desktop width and on a phone, written
-to docs/console/ for docs/console.md: a running service with a translated chapter in
-its store, a few failures and dead letters, and an hour of history before them.
+"""Screenshots of every page of the console, at desktop width and on a phone, for
+docs/console.md (`make screenshots` writes them to docs/console/): a running service
+with a translated chapter in its store, a few failures and dead letters, and an hour of
+history before them.
 
 The hour of history is records written into the store by the test (with their minute
 counts, as commits write them), so that the chart shows an hour; everything else on the
@@ -10,7 +11,9 @@ pages is the service's own work on frames pushed here.
 from __future__ import annotations
 
 import math
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, StorageState
@@ -18,7 +21,7 @@ from playwright.sync_api import Browser, Page, StorageState
 from benchmarks.conftest import manga_page
 from returner.store import Record, Store
 from tests.conftest import wait_for
-from tests.console.conftest import DESKTOP, PHONE, SCREENSHOTS, Stack
+from tests.console.conftest import DESKTOP, PHONE, Stack
 
 CHAPTER = "req_2f9c41"
 PAGES = 8
@@ -53,6 +56,14 @@ def write_history(stack: Stack, now: datetime) -> int:
 
 
 @pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the screenshots go: RETURNER_SCREENSHOTS (`make screenshots` gives
+    docs/console), else a temporary directory, so a test run leaves the docs alone."""
+    chosen = os.environ.get("RETURNER_SCREENSHOTS")
+    return Path(chosen) if chosen else tmp_path_factory.mktemp("screenshots")
+
+
+@pytest.fixture(scope="module")
 def shown(stack: Stack) -> Stack:
     stack.push("req_warmup", "warmup")
     stack.wait_records(1, "the store")
@@ -67,46 +78,46 @@ def shown(stack: Stack) -> Stack:
     return stack
 
 
-def shoot(page: Page, url: str, name: str, wait_images: bool = False) -> None:
+def shoot(page: Page, url: str, shots: Path, name: str, wait_images: bool = False) -> None:
     page.goto(url)
     if wait_images:
         page.wait_for_function(
             "() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
-    SCREENSHOTS.mkdir(exist_ok=True)
-    page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=shots / f"{name}.png", full_page=True)
 
 
 @pytest.mark.parametrize(("size", "suffix"), [(DESKTOP, ""), (PHONE, "-phone")],
                          ids=["desktop", "phone"])
 def test_screenshots_of_every_page(shown: Stack, browser: Browser, signed_in: StorageState,
-                                   size: dict[str, int], suffix: str) -> None:
+                                   shots: Path, size: dict[str, int], suffix: str) -> None:
     context = browser.new_context(viewport=size, storage_state=signed_in,  # type: ignore[arg-type]
                                   device_scale_factor=1)
     page = context.new_page()
     try:
-        shoot(page, shown.url + "/", f"overview{suffix}")
+        shoot(page, shown.url + "/", shots, f"overview{suffix}")
         assert page.locator("[data-figure=dead] .value").inner_text() == "4"
-        shoot(page, f"{shown.url}/results?request_id={CHAPTER}", f"results{suffix}", True)
+        shoot(page, f"{shown.url}/results?request_id={CHAPTER}", shots, f"results{suffix}", True)
         assert page.locator(".records .record").count() == PAGES + 1
-        shoot(page, shown.url + "/dead-letters", f"dead-letters{suffix}")
+        shoot(page, shown.url + "/dead-letters", shots, f"dead-letters{suffix}")
         assert page.locator(".letter").count() == 4
     finally:
         context.close()
 
 
-def test_screenshots_of_the_sign_in_form_and_the_dark_overview(shown: Stack, browser: Browser,
-                                                               signed_in: StorageState) -> None:
+def test_screenshots_of_the_sign_in_form_and_the_dark_overview(
+        shown: Stack, browser: Browser, signed_in: StorageState, shots: Path) -> None:
     context = browser.new_context(viewport=DESKTOP)
     try:
-        shoot(context.new_page(), shown.url + "/signin", "signin")
+        shoot(context.new_page(), shown.url + "/signin", shots, "signin")
     finally:
         context.close()
     context = browser.new_context(viewport=DESKTOP, storage_state=signed_in,  # type: ignore[arg-type]
                                   color_scheme="dark")
     try:
-        shoot(context.new_page(), shown.url + "/", "overview-dark")
+        shoot(context.new_page(), shown.url + "/", shots, "overview-dark")
     finally:
         context.close()
-    assert {p.name for p in SCREENSHOTS.glob("*.png")} >= {
+    assert {p.name for p in shots.glob("*.png")} >= {
         "overview.png", "overview-phone.png", "results.png", "results-phone.png",
         "dead-letters.png", "dead-letters-phone.png", "signin.png", "overview-dark.png"}

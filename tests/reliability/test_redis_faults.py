@@ -120,7 +120,7 @@ def test_sigterm_while_redis_is_still_down(service: Callable[..., Service],
 # free of it (Redis 7.0 does not know the subcommand and refuses the grant).
 ACL_SETUSER = (
     "ACL SETUSER returner on >s3cret resetkeys ~hosting:tasks ~{hosting:tasks}:* "
-    "resetchannels &events:* -@all +blmove +evalsha +info +llen +lpop +ping +publish "
+    "resetchannels &events:* -@all +blmove +evalsha +info +llen +lpop +ping +publish +rpush "
     "+script|load +time +xack +xadd +xautoclaim +xclaim +xdel +xgroup|create +xgroup|delconsumer "
     "+xinfo|consumers +xlen +xpending +xrange +xreadgroup +xrevrange"
 )

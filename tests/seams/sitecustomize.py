@@ -14,9 +14,9 @@ if _CRASH_ON:
 
     _with_frame = frames.with_frame
 
-    def _crashing(task, use):  # type: ignore[no-untyped-def]
+    def _crashing(task, use, *rest):  # type: ignore[no-untyped-def]
         if task.image_id in _CRASH_ON:
             os.kill(os.getpid(), signal.SIGKILL)
-        return _with_frame(task, use)
+        return _with_frame(task, use, *rest)
 
     frames.with_frame = _crashing
