@@ -242,6 +242,8 @@ def test_a_failing_store_pauses_without_spending_deliveries(
     proxy.mode = "pass"
     wait_for(lambda: len(read_results(output_dir)) == 4, timeout=60, what="every frame")
     wait_for(lambda: ready(free_port)[0] == 200, what="ready again")
+    # The records land before the settle step reports; wait for its four observations.
+    wait_for(lambda: metric(free_port, "returner_deliveries_count") == 4, what="four reports")
     assert metric(free_port, 'returner_deliveries_bucket{le="1.0"') == 4  # first deliveries
     assert svc.stop() == 0, svc.logs()
     assert {rec["status"] for rec in read_results(output_dir)} == {"completed"}
